@@ -1,0 +1,142 @@
+//! `[supervisor]`: settings of supd itself.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::duration::show;
+use crate::error::{ConfigError, Source};
+use crate::identity::{lookup_group, Group};
+use crate::paths::{default_log_dir, default_run_dir, resolve};
+use crate::raw::RawSupervisor;
+
+/// The shortest `monitor_interval`: sampling /proc faster costs more than it tells.
+const MIN_MONITOR_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Settings of supd itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorConfig {
+    /// Path of the control socket supctl talks to.
+    pub control_socket: PathBuf,
+    /// Permission bits of the control socket.
+    pub control_socket_mode: u32,
+    /// Group owning the control socket.
+    pub control_socket_group: Option<Group>,
+    /// Directory for runtime files.
+    pub run_dir: PathBuf,
+    /// Directory for app logs.
+    pub log_dir: PathBuf,
+    /// How often CPU and memory are sampled.
+    pub monitor_interval: Duration,
+    /// Address of the Prometheus metrics endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// `RUST_LOG`-style filter for supd's own log.
+    pub log_level: String,
+}
+
+impl RawSupervisor {
+    /// Applies defaults, resolves paths against `base` and checks values.
+    pub(crate) fn build(self, src: &Source<'_>, base: &Path) -> Result<SupervisorConfig, ConfigError> {
+        let key = |k: &str| format!("supervisor.{k}");
+        let run_dir = self.run_dir.map_or_else(default_run_dir, |d| resolve(base, &d));
+        let control_socket = self.control_socket.map_or_else(|| run_dir.join("control.sock"), |s| resolve(base, &s));
+        let control_socket_group = match self.control_socket_group {
+            None => None,
+            Some(g) => {
+                Some(lookup_group(g.get_ref()).map_err(|m| src.error(g.span(), key("control_socket_group"), m))?)
+            }
+        };
+        let monitor_interval = match self.monitor_interval {
+            None => Duration::from_secs(1),
+            Some(v) if v.get_ref().0 < MIN_MONITOR_INTERVAL => {
+                return Err(src.error(
+                    v.span(),
+                    key("monitor_interval"),
+                    format!("must be at least {}, found `{}`", show(MIN_MONITOR_INTERVAL), show(v.get_ref().0)),
+                ))
+            }
+            Some(v) => v.into_inner().0,
+        };
+        let log_level = match self.log_level {
+            None => "info".to_string(),
+            Some(l) if l.get_ref().trim().is_empty() => {
+                return Err(src.error(
+                    l.span(),
+                    key("log_level"),
+                    "must not be empty; use a filter such as \"info\"".to_string(),
+                ))
+            }
+            Some(l) => l.into_inner(),
+        };
+        Ok(SupervisorConfig {
+            control_socket,
+            control_socket_mode: self.control_socket_mode.map_or(0o660, |m| m.0),
+            control_socket_group,
+            run_dir,
+            log_dir: self.log_dir.map_or_else(default_log_dir, |d| resolve(base, &d)),
+            monitor_interval,
+            metrics: self.metrics.map(|m| m.0),
+            log_level,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::paths::default_control_socket;
+    use crate::testutil::{err, parse_ok};
+
+    #[test]
+    fn defaults() {
+        let s = parse_ok("").supervisor;
+        assert_eq!(s.control_socket, default_control_socket());
+        assert_eq!(s.control_socket_mode, 0o660);
+        assert_eq!(s.control_socket_group, None);
+        assert_eq!(s.run_dir, default_run_dir());
+        assert_eq!(s.log_dir, default_log_dir());
+        assert_eq!(s.monitor_interval, Duration::from_secs(1));
+        assert_eq!(s.metrics, None);
+        assert_eq!(s.log_level, "info");
+    }
+
+    #[test]
+    fn values() {
+        let s = parse_ok(
+            "[supervisor]\nrun_dir = \"run\"\nlog_dir = \"/var/log/x\"\nmonitor_interval = \"250ms\"\nlog_level = \"supd=debug\"\n",
+        )
+        .supervisor;
+        assert_eq!(s.run_dir, PathBuf::from("/x/run"));
+        assert_eq!(s.control_socket, PathBuf::from("/x/run/control.sock"));
+        assert_eq!(s.log_dir, PathBuf::from("/var/log/x"));
+        assert_eq!(s.monitor_interval, Duration::from_millis(250));
+        assert_eq!(s.log_level, "supd=debug");
+        let s = parse_ok("[supervisor]\ncontrol_socket = \"sup.sock\"\n").supervisor;
+        assert_eq!(s.control_socket, PathBuf::from("/x/sup.sock"));
+    }
+
+    #[test]
+    fn errors() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[supervisor]\nmonitor_interval = \"10ms\"\n",
+                "/x/sup.toml:2:20: key `supervisor.monitor_interval`: must be at least 100ms, found `10ms`",
+            ),
+            (
+                "[supervisor]\nlog_level = \"\"\n",
+                "/x/sup.toml:2:13: key `supervisor.log_level`: must not be empty; use a filter such as \"info\"",
+            ),
+            (
+                "[supervisor]\ncontrol_sockt = \"a\"\n",
+                "/x/sup.toml:2:1: key `supervisor.control_sockt`: unknown key (did you mean `control_socket`?)",
+            ),
+            (
+                "[supervisor]\nmonitor_interval = 1\n",
+                "/x/sup.toml:2:20: key `supervisor.monitor_interval`: expected a duration string, found number `1`: use a string such as \"5s\"",
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(err(src), *want, "{src}");
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The control API: HTTP/1.1 + JSON over a Unix socket.
+//!
+//! Routes (all under `/v1`): `GET /status[?app=NAME]`, `POST /start`,
+//! `POST /stop`, `POST /restart` with an [`ActionRequest`] body. Errors are
+//! `{"error":{"code":…,"message":…}}`. Requests are bounded in size, header
+//! time and number of connections; peers are checked by their credentials.
+
+use std::convert::Infallible;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use sup_proto::{ActionRequest, ErrorBody, API_PREFIX, MAX_REQUEST_BODY};
+use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
+
+use crate::supervisor::{ApiError, Supervisor, Verb};
+
+/// Most control connections served at once; more wait in the backlog.
+const MAX_CONNECTIONS: usize = 128;
+/// Time a client has to send its headers, and then its body.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the control socket could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Another supd answers on the socket.
+    #[error("control socket `{0}` is in use by a running supd; stop it first or choose another control_socket")]
+    InUse(PathBuf),
+    /// Something that is not a socket is in the way.
+    #[error("`{0}` exists and is not a socket; remove it or choose another control_socket")]
+    NotASocket(PathBuf),
+    /// A system call failed.
+    #[error("cannot set up control socket `{path}`: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the control socket with its mode and group, replacing a stale socket file but never a live one.
+pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, ControlError> {
+    let io = |source| ControlError::Io { path: path.to_path_buf(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(ControlError::NotASocket(path.to_path_buf()));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse(path.to_path_buf()));
+        }
+        tracing::info!("removing stale control socket {}", path.display());
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    // Bind under a private name and rename into place, so the socket is never
+    // reachable with the default permissions.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(io)?;
+    let set_up = (|| {
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(&tmp, None, Some(gid))?;
+        }
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = set_up {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
+    }
+    Ok(listener)
+}
+
+/// Who may talk to supd: root, supd's own user, and members of the socket's group.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    /// supd's effective uid.
+    pub owner: u32,
+    /// The control socket's group, if configured.
+    pub group: Option<u32>,
+}
+
+impl Access {
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || uid == self.owner || self.group == Some(gid)
+    }
+}
+
+/// Serves the control API until the listener fails.
+pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access) {
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = match limit.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("control socket accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let peer = stream.peer_cred().ok();
+        let allowed = peer.is_some_and(|c| access.allows(c.uid(), c.gid()));
+        let peer_uid = peer.map(|c| c.uid());
+        let sup = sup.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let sup = sup.clone();
+                async move { Ok::<_, Infallible>(route(&sup, allowed, peer_uid, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .max_buf_size(16 * 1024)
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("control connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Resp {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Resp {
+    json(status, &ErrorBody::new(code, message))
+}
+
+fn api_error(e: ApiError) -> Resp {
+    match e {
+        ApiError::UnknownApp(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        ApiError::BadRequest(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+    }
+}
+
+async fn route(sup: &Supervisor, allowed: bool, peer_uid: Option<u32>, req: Request<Incoming>) -> Resp {
+    if !allowed {
+        let who = peer_uid.map_or("an unknown peer".to_string(), |u| format!("uid {u}"));
+        return error(StatusCode::FORBIDDEN, "forbidden", format!("{who} may not use this control socket"));
+    }
+    let path = req.uri().path().to_string();
+    let Some(rest) = path.strip_prefix(API_PREFIX) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no route `{path}`; routes start with `{API_PREFIX}/`"),
+        );
+    };
+    let verb = match rest {
+        "/status" => {
+            if req.method() != Method::GET {
+                return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/status");
+            }
+            let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
+            return match sup.status(app) {
+                Ok(s) => json(StatusCode::OK, &s),
+                Err(e) => api_error(e),
+            };
+        }
+        "/start" => Verb::Start,
+        "/stop" => Verb::Stop,
+        "/restart" => Verb::Restart,
+        _ => return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`")),
+    };
+    if req.method() != Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("use POST for {path}"));
+    }
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let action: ActionRequest = match serde_json::from_slice(&body) {
+        Ok(a) => a,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("invalid request body: {e}")),
+    };
+    match sup.action(verb, &action).await {
+        Ok(r) => json(StatusCode::OK, &r),
+        Err(e) => api_error(e),
+    }
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
+    let too_large = || {
+        error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", format!("request body over {MAX_REQUEST_BODY} bytes"))
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_REQUEST_BODY as u64) {
+        return Err(too_large());
+    }
+    let limited = Limited::new(req.into_body(), MAX_REQUEST_BODY);
+    match tokio::time::timeout(REQUEST_TIMEOUT, limited.collect()).await {
+        Err(_) => Err(error(StatusCode::REQUEST_TIMEOUT, "timeout", "request body not received in time")),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read request body: {e}"))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}

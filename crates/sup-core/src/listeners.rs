@@ -1,0 +1,122 @@
+//! The sockets supd binds for an app and hands to its workers.
+//!
+//! Every TCP address gets one SO_REUSEPORT socket per instance slot, bound and
+//! listening for supd's whole life. The kernel spreads new connections across
+//! the slots' sockets; a slot's socket outlives its workers, so a crash, a
+//! memory restart or a reload never resets a connection queued in it. Unix
+//! sockets cannot be spread by the kernel, so one socket serves every slot.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use sup_config::{AppConfig, ListenAddr};
+
+/// The listening sockets of one slot, in `listen` order.
+#[derive(Debug, Default)]
+pub struct SlotSockets {
+    // Owns the fds `raw` refers to.
+    _socks: Vec<(Arc<OwnedFd>, String)>,
+    raw: Vec<(RawFd, String)>,
+}
+
+impl SlotSockets {
+    /// Raw fds and their `LISTEN_FDNAMES` names, valid while `self` lives.
+    pub fn raw(&self) -> &[(RawFd, String)] {
+        &self.raw
+    }
+}
+
+/// Why a listener could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on `{addr}` for app `{app}`: {reason}")]
+pub struct ListenError {
+    /// The app.
+    pub app: String,
+    /// The address, as configured.
+    pub addr: String,
+    /// What went wrong.
+    pub reason: String,
+}
+
+/// The sockets of an app: shared Unix sockets plus per-slot TCP sockets.
+#[derive(Debug, Default)]
+pub struct AppSockets {
+    unix: Vec<Option<Arc<OwnedFd>>>,
+}
+
+impl AppSockets {
+    /// Binds the Unix sockets of `cfg`, shared by all of its slots.
+    pub fn new(cfg: &AppConfig) -> Result<AppSockets, ListenError> {
+        let mut unix = Vec::new();
+        for addr in &cfg.listen {
+            unix.push(match addr {
+                ListenAddr::Unix(path) => {
+                    Some(Arc::new(bind_unix(path, cfg.listen_backlog).map_err(|e| err(cfg, addr, e))?))
+                }
+                ListenAddr::Tcp(_) => None,
+            });
+        }
+        Ok(AppSockets { unix })
+    }
+
+    /// Binds slot `slot`'s own TCP sockets and pairs them with the shared ones.
+    pub fn for_slot(&self, cfg: &AppConfig) -> Result<SlotSockets, ListenError> {
+        let mut socks = Vec::new();
+        for (addr, shared) in cfg.listen.iter().zip(&self.unix) {
+            let fd = match (addr, shared) {
+                (_, Some(fd)) => fd.clone(),
+                (ListenAddr::Tcp(a), None) => {
+                    Arc::new(bind_tcp(*a, cfg.listen_backlog).map_err(|e| err(cfg, addr, e))?)
+                }
+                (ListenAddr::Unix(_), None) => continue,
+            };
+            socks.push((fd, cfg.name.clone()));
+        }
+        let raw = socks.iter().map(|(fd, n)| (fd.as_raw_fd(), n.clone())).collect();
+        Ok(SlotSockets { _socks: socks, raw })
+    }
+}
+
+fn err(cfg: &AppConfig, addr: &ListenAddr, e: std::io::Error) -> ListenError {
+    let reason = if e.kind() == std::io::ErrorKind::AddrInUse {
+        "the address is already in use by another program".to_string()
+    } else {
+        e.to_string()
+    };
+    ListenError { app: cfg.name.clone(), addr: addr.to_string(), reason }
+}
+
+fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<OwnedFd> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        sock.set_only_v6(true)?;
+    }
+    sock.bind(&addr.into())?;
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(sock.into())
+}
+
+fn bind_unix(path: &Path, backlog: u32) -> std::io::Result<OwnedFd> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::from(std::io::ErrorKind::AddrInUse));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let sock = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    sock.bind(&SockAddr::unix(path)?)?;
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(sock.into())
+}

@@ -1,0 +1,306 @@
+//! One worker process: spawn it, watch it, stop it.
+//!
+//! Each worker has a small task that `select!`s over the child's exit, its
+//! notify socket, its readiness deadline and control messages, and reports to
+//! its slot. The slot ([`crate::slot`]) owns the state machine; this task only
+//! turns process facts into [`WorkerEvent`]s.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use sup_config::{AppConfig, ReadyCheck};
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+
+use crate::logs::{new_tail, AppLogs, Stream, Tail};
+use crate::notify::{NotifyMsg, NotifySocket};
+use crate::reaper::ExitInfo;
+use crate::spawner::{kill_group, SpawnSpec, Spawner};
+
+/// What every worker of an app shares.
+pub struct WorkerCtx {
+    /// The app's name.
+    pub app: Arc<str>,
+    /// The forking thread.
+    pub spawner: Spawner,
+    /// The app's log files.
+    pub logs: AppLogs,
+    /// Folder of the per-worker notify sockets.
+    pub notify_dir: PathBuf,
+    /// supd's environment, without the variables systemd meant for supd itself.
+    pub base_env: Arc<Vec<(String, String)>>,
+}
+
+/// A configuration as run by workers, with its version number.
+#[derive(Debug)]
+pub struct AppSpec {
+    /// The validated app configuration.
+    pub cfg: AppConfig,
+    /// Increases with every reload or config change of the app.
+    pub version: u64,
+}
+
+/// Messages from a slot to its worker task.
+#[derive(Debug)]
+enum WorkerCtl {
+    Stop,
+    Kill,
+}
+
+/// A fact about a worker, reported to its slot.
+#[derive(Debug)]
+pub struct WorkerEvent {
+    /// Which worker.
+    pub id: u64,
+    /// What happened.
+    pub kind: WorkerEventKind,
+}
+
+/// The kinds of [`WorkerEvent`].
+#[derive(Debug)]
+pub enum WorkerEventKind {
+    /// It signalled readiness (or needs none).
+    Ready,
+    /// It sent `STATUS=`.
+    Status(String),
+    /// It was reaped. `failure` says why supd killed it, if it did.
+    Exited {
+        /// How it ended.
+        info: ExitInfo,
+        /// Why supd killed it, when it did (e.g. not ready in time).
+        failure: Option<String>,
+    },
+}
+
+/// The slot's handle on a running worker.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    /// Unique among all workers of this supd.
+    pub id: u64,
+    /// Main pid, also the process group.
+    pub pid: i32,
+    /// When it was spawned.
+    pub started: Instant,
+    /// The spec it runs.
+    pub spec: Arc<AppSpec>,
+    /// Its last output lines.
+    pub tail: Tail,
+    ctl: mpsc::UnboundedSender<WorkerCtl>,
+}
+
+impl WorkerHandle {
+    /// Asks it to stop: stop signal to its group, SIGKILL after `stop_timeout`.
+    pub fn stop(&self) {
+        let _ = self.ctl.send(WorkerCtl::Stop);
+    }
+
+    /// Kills its whole process group now.
+    pub fn kill(&self) {
+        kill_group(self.pid, libc::SIGKILL);
+        let _ = self.ctl.send(WorkerCtl::Kill);
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Spawns a worker for `slot` and starts its task.
+pub async fn start(
+    ctx: &WorkerCtx,
+    spec: Arc<AppSpec>,
+    slot: u32,
+    fds: &[(RawFd, String)],
+    events: mpsc::UnboundedSender<WorkerEvent>,
+) -> Result<WorkerHandle, String> {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let cfg = &spec.cfg;
+    let notify_path = ctx.notify_dir.join(format!("{}-{}-{}", cfg.name, slot, id));
+    if notify_path.as_os_str().len() >= 108 {
+        return Err(format!(
+            "notify socket path `{}` is too long for a Unix socket; choose a shorter run_dir",
+            notify_path.display()
+        ));
+    }
+    let owner = cfg.user.as_ref().map(|u| (u.uid, cfg.group.as_ref().map_or(u.gid, |g| g.gid)));
+    let notify = NotifySocket::bind(&notify_path, owner)
+        .map_err(|e| format!("cannot create notify socket `{}`: {e}", notify_path.display()))?;
+
+    let env = worker_env(ctx, cfg, slot, notify.path(), fds);
+    let ids = match &cfg.user {
+        Some(user) => {
+            let gid = cfg.group.as_ref().map_or(user.gid, |g| g.gid);
+            Some((user.uid, gid, supplementary_groups(&user.name, gid)))
+        }
+        None => cfg.group.as_ref().map(|g| (nix::unistd::geteuid().as_raw(), g.gid, vec![g.gid])),
+    };
+    let spawn = SpawnSpec {
+        argv: cfg.command.clone(),
+        env,
+        fds: fds.iter().map(|(fd, _)| *fd).collect(),
+        listen_pid: !fds.is_empty(),
+        cwd: cfg.cwd.clone(),
+        ids,
+    };
+    let spawned = ctx.spawner.spawn(spawn).await.map_err(|e| e.to_string())?;
+    let tail = new_tail();
+    ctx.logs.capture(spawned.stdout, Stream::Out, slot, tail.clone());
+    ctx.logs.capture(spawned.stderr, Stream::Err, slot, tail.clone());
+
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let handle = WorkerHandle { id, pid: spawned.pid, started: Instant::now(), spec: spec.clone(), tail, ctl: ctl_tx };
+    let watch = Watch {
+        id,
+        pid: spawned.pid,
+        ready_check: cfg.ready.clone(),
+        ready_timeout: cfg.ready_timeout,
+        stop_signal: cfg.stop_signal,
+        stop_timeout: cfg.stop_timeout,
+        events,
+    };
+    tokio::spawn(watch.run(spawned.exit, notify, ctl_rx));
+    Ok(handle)
+}
+
+fn supplementary_groups(user: &str, gid: u32) -> Vec<u32> {
+    let Ok(name) = std::ffi::CString::new(user) else { return vec![gid] };
+    match nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)) {
+        Ok(groups) => groups.into_iter().map(|g| g.as_raw()).collect(),
+        Err(_) => vec![gid],
+    }
+}
+
+/// supd's environment, then the app's, then the variables of the protocol.
+fn worker_env(
+    ctx: &WorkerCtx,
+    cfg: &AppConfig,
+    slot: u32,
+    notify: &std::path::Path,
+    fds: &[(RawFd, String)],
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = ctx.base_env.as_ref().clone();
+    let mut set = |k: &str, v: String| match env.iter_mut().find(|(key, _)| key == k) {
+        Some(entry) => entry.1 = v,
+        None => env.push((k.to_string(), v)),
+    };
+    for (k, v) in &cfg.env {
+        set(k, v.clone());
+    }
+    if let Some(user) = &cfg.user {
+        set("HOME", user.home.display().to_string());
+        set("USER", user.name.clone());
+        set("LOGNAME", user.name.clone());
+    }
+    set("SUP_APP", cfg.name.clone());
+    set("SUP_INSTANCE", slot.to_string());
+    set("NODE_APP_INSTANCE", slot.to_string());
+    set("NOTIFY_SOCKET", notify.display().to_string());
+    let port = cfg.port.or_else(|| {
+        cfg.listen.iter().find_map(|l| match l {
+            sup_config::ListenAddr::Tcp(a) => Some(a.port()),
+            sup_config::ListenAddr::Unix(_) => None,
+        })
+    });
+    if let Some(port) = port {
+        set("PORT", port.to_string());
+    }
+    if !fds.is_empty() {
+        set("LISTEN_FDS", fds.len().to_string());
+        set("LISTEN_FDNAMES", fds.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(":"));
+    }
+    env
+}
+
+/// The state of a worker's watching task.
+struct Watch {
+    id: u64,
+    pid: i32,
+    ready_check: ReadyCheck,
+    ready_timeout: Duration,
+    stop_signal: Signal,
+    stop_timeout: Duration,
+    events: mpsc::UnboundedSender<WorkerEvent>,
+}
+
+impl Watch {
+    fn send(&self, kind: WorkerEventKind) {
+        let _ = self.events.send(WorkerEvent { id: self.id, kind });
+    }
+
+    async fn run(
+        self,
+        mut exit: tokio::sync::oneshot::Receiver<ExitInfo>,
+        notify: NotifySocket,
+        mut ctl: mpsc::UnboundedReceiver<WorkerCtl>,
+    ) {
+        let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
+        let mut ready = false;
+        let mut ready_deadline = None;
+        match self.ready_check {
+            ReadyCheck::None => {
+                ready = true;
+                self.send(WorkerEventKind::Ready);
+            }
+            _ => ready_deadline = Some(tokio::time::Instant::now() + self.ready_timeout),
+        }
+        let mut kill_deadline: Option<tokio::time::Instant> = None;
+        let mut failure: Option<String> = None;
+        let mut notify_ok = true;
+        let mut ctl_open = true;
+        let info = loop {
+            tokio::select! {
+                r = &mut exit => break r.unwrap_or(ExitInfo::Signal(libc::SIGKILL)),
+                msgs = notify.recv(), if notify_ok => match msgs {
+                    Ok(msgs) => for m in msgs {
+                        match m {
+                            NotifyMsg::Ready if !ready && matches!(self.ready_check, ReadyCheck::Notify) => {
+                                ready = true;
+                                ready_deadline = None;
+                                self.send(WorkerEventKind::Ready);
+                            }
+                            NotifyMsg::Status(s) => self.send(WorkerEventKind::Status(s)),
+                            NotifyMsg::ExtendTimeout(d) => if let Some(dl) = ready_deadline.as_mut() {
+                                *dl = (*dl).max(tokio::time::Instant::now() + d);
+                            },
+                            _ => {}
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(pid = self.pid, "notify socket failed: {e}");
+                        notify_ok = false;
+                    }
+                },
+                _ = sleep_until(ready_deadline.unwrap_or_else(far)), if ready_deadline.is_some() => {
+                    ready_deadline = None;
+                    failure = Some(format!("not ready within {}", humantime::format_duration(self.ready_timeout)));
+                    kill_group(self.pid, libc::SIGKILL);
+                }
+                c = ctl.recv(), if ctl_open => match c {
+                    Some(WorkerCtl::Stop) => {
+                        if kill_deadline.is_none() {
+                            kill_group(self.pid, self.stop_signal as i32);
+                            // SIGCONT so a stopped (SIGSTOP) worker can act on the signal.
+                            kill_group(self.pid, libc::SIGCONT);
+                            kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
+                        }
+                    }
+                    Some(WorkerCtl::Kill) | None => {
+                        ctl_open = false;
+                        kill_group(self.pid, libc::SIGKILL);
+                    }
+                },
+                _ = sleep_until(kill_deadline.unwrap_or_else(far)), if kill_deadline.is_some() => {
+                    kill_deadline = None;
+                    tracing::warn!(pid = self.pid, "did not stop within {}; sending SIGKILL to its process group",
+                        humantime::format_duration(self.stop_timeout));
+                    kill_group(self.pid, libc::SIGKILL);
+                }
+            }
+        };
+        // The main process is gone; whatever it left in its group goes with it.
+        kill_group(self.pid, libc::SIGKILL);
+        self.send(WorkerEventKind::Exited { info, failure });
+    }
+}

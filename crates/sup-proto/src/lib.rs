@@ -1,0 +1,231 @@
+//! Wire types shared by `supd` and `supctl`.
+//!
+//! This crate depends on serde only, so that scripts, tests and both binaries
+//! agree on one definition of every request, response, event, state and exit
+//! code. The control API is HTTP/1.1 + JSON over a Unix socket; every route
+//! lives under [`API_PREFIX`].
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of every control API route.
+pub const API_PREFIX: &str = "/v1";
+
+/// Largest request body the control API accepts, in bytes.
+pub const MAX_REQUEST_BODY: usize = 64 * 1024;
+
+/// Process exit codes of `supctl`, documented in the CLI reference.
+pub mod exit {
+    /// The operation succeeded.
+    pub const OK: i32 = 0;
+    /// The operation was carried out and failed (for example a rolled-back reload).
+    pub const FAILED: i32 = 1;
+    /// The command line was wrong.
+    pub const USAGE: i32 = 2;
+    /// `supd` could not be reached on its control socket.
+    pub const UNREACHABLE: i32 = 3;
+}
+
+/// The state of one instance slot, as shown by `supctl status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Spawned, not yet ready.
+    Starting,
+    /// Signalled readiness (or needs none) and serves.
+    Ready,
+    /// Asked to stop; draining until its stop timeout.
+    Stopping,
+    /// Exited; waiting for the backoff delay before the next start.
+    Backoff,
+    /// Gave up: crash loop, spawn failure or a failed exit with `restart = "never"`.
+    Errored,
+    /// Not running, by request or after a clean exit.
+    Stopped,
+}
+
+impl WorkerState {
+    /// The lowercase name used in JSON and tables.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+            WorkerState::Backoff => "backoff",
+            WorkerState::Errored => "errored",
+            WorkerState::Stopped => "stopped",
+        }
+    }
+}
+
+/// Why a worker was (re)started or replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartReason {
+    /// The worker exited or was killed without being asked to.
+    Crash,
+    /// An operator asked for `restart`.
+    Restart,
+    /// A rolling reload replaced it.
+    Reload,
+    /// It stayed over its memory limit.
+    Memory,
+    /// It stopped sending watchdog pings.
+    Watchdog,
+    /// A configuration change replaced it.
+    Config,
+}
+
+/// Answer to `GET /v1/status`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusResponse {
+    /// Every app supd knows, in configuration order.
+    pub apps: Vec<AppStatus>,
+}
+
+/// Status of one app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// The app's name (`[apps.NAME]`).
+    pub name: String,
+    /// One entry per instance slot.
+    pub instances: Vec<InstanceStatus>,
+    /// A rollout in progress, if any (e.g. "reload").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<String>,
+}
+
+/// Status of one instance slot.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// Slot number, from 0.
+    pub slot: u32,
+    /// Main pid of the slot's current worker, if one runs.
+    pub pid: Option<u32>,
+    /// Slot state.
+    pub state: WorkerState,
+    /// Restarts of this slot since supd started (or since the last manual start).
+    pub restarts: u32,
+    /// Milliseconds since the current worker was spawned.
+    pub uptime_ms: Option<u64>,
+    /// CPU use of the worker's process tree over the last sample, percent of one core.
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the worker's main process, bytes.
+    pub rss_bytes: Option<u64>,
+    /// Why the slot is in its state, in plain words.
+    #[serde(default)]
+    pub reason: String,
+    /// The worker's last `STATUS=` text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_text: Option<String>,
+    /// Why the slot was last restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_reason: Option<RestartReason>,
+    /// Configuration version the worker runs.
+    #[serde(default)]
+    pub version: u64,
+}
+
+/// Body of `POST /v1/start|stop|restart`: one app or all of them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    /// The app to act on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// Act on every app.
+    #[serde(default)]
+    pub all: bool,
+}
+
+/// Answer to an action: one result per app touched.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ActionResponse {
+    /// Per-app results.
+    pub results: Vec<AppResult>,
+}
+
+/// Result of an action on one app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppResult {
+    /// The app.
+    pub app: String,
+    /// Whether the action succeeded.
+    pub ok: bool,
+    /// What happened, in plain words.
+    pub message: String,
+}
+
+impl ActionResponse {
+    /// True when every app's action succeeded.
+    pub fn all_ok(&self) -> bool {
+        self.results.iter().all(|r| r.ok)
+    }
+}
+
+/// JSON body of every error answer: `{"error":{"code":…,"message":…}}`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// Machine-readable code and human message of an error.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable code, e.g. `not_found`, `bad_request`, `busy`.
+    pub code: String,
+    /// Plain-words message.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// Builds an error body.
+    pub fn new(code: &str, message: impl Into<String>) -> Self {
+        ErrorBody { error: ErrorDetail { code: code.to_string(), message: message.into() } }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_json_has_the_documented_shape() {
+        let s = StatusResponse {
+            apps: vec![AppStatus {
+                name: "web".into(),
+                rollout: None,
+                instances: vec![InstanceStatus {
+                    slot: 0,
+                    pid: Some(42),
+                    state: WorkerState::Ready,
+                    restarts: 1,
+                    uptime_ms: Some(5),
+                    cpu_percent: Some(0.5),
+                    rss_bytes: Some(1024),
+                    reason: "ready".into(),
+                    status_text: None,
+                    last_restart_reason: Some(RestartReason::Crash),
+                    version: 1,
+                }],
+            }],
+        };
+        let v: serde_json::Value = serde_json::to_value(&s).expect("serialises");
+        let i = &v["apps"][0]["instances"][0];
+        assert_eq!(v["apps"][0]["name"], "web");
+        assert_eq!(i["slot"], 0);
+        assert_eq!(i["pid"], 42);
+        assert_eq!(i["state"], "ready");
+        assert_eq!(i["restarts"], 1);
+        assert_eq!(i["uptime_ms"], 5);
+        assert_eq!(i["cpu_percent"], 0.5);
+        assert_eq!(i["rss_bytes"], 1024);
+        assert_eq!(i["last_restart_reason"], "crash");
+    }
+
+    #[test]
+    fn action_request_refuses_unknown_fields() {
+        let err = serde_json::from_str::<ActionRequest>(r#"{"ap":"web"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `ap`"), "{err}");
+    }
+}

@@ -1,0 +1,120 @@
+//! A small blocking-looking client for the control API (hyper over a Unix socket).
+
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sup_proto::{exit, ErrorBody};
+use tokio::net::UnixStream;
+
+/// Why a request failed.
+#[derive(Debug)]
+pub enum ClientError {
+    /// supd is not there.
+    Unreachable(PathBuf, std::io::Error),
+    /// The connection broke or the answer was not understood.
+    Protocol(String),
+    /// supd answered with an error.
+    Api { code: String, message: String },
+    /// The configuration named by --config is invalid.
+    Config(String),
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::Unreachable(p, e) => write!(f, "cannot reach supd at `{}`: {e}", p.display()),
+            ClientError::Protocol(m) => write!(f, "{m}"),
+            ClientError::Api { message, .. } => write!(f, "{message}"),
+            ClientError::Config(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl ClientError {
+    /// The exit status this error maps to.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ClientError::Unreachable(..) => exit::UNREACHABLE,
+            ClientError::Api { code, .. } if code == "not_found" => exit::USAGE,
+            ClientError::Config(_) => exit::USAGE,
+            _ => exit::FAILED,
+        }
+    }
+
+    /// What the user might do about it.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            ClientError::Unreachable(..) => {
+                Some("is supd running? pass --socket PATH or --config FILE if it uses another socket (exit 3)")
+            }
+            ClientError::Api { code, .. } if code == "forbidden" => {
+                Some("run as root, as supd's user, or as a member of control_socket_group")
+            }
+            ClientError::Api { code, .. } if code == "not_found" => Some("`supctl status` lists the apps"),
+            _ => None,
+        }
+    }
+}
+
+/// A client bound to one control socket.
+pub struct Client {
+    socket: PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    /// Prepares a client; does not connect yet.
+    pub fn new(socket: PathBuf) -> Result<Client, ClientError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| ClientError::Protocol(format!("cannot start runtime: {e}")))?;
+        Ok(Client { socket, rt })
+    }
+
+    /// `GET path`, decoded as JSON.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.call(Method::GET, path, Bytes::new())
+    }
+
+    /// `POST path` with a JSON body, decoded as JSON.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.call(Method::POST, path, Bytes::from(body))
+    }
+
+    fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, ClientError> {
+        self.rt.block_on(async {
+            let stream = UnixStream::connect(&self.socket)
+                .await
+                .map_err(|e| ClientError::Unreachable(self.socket.clone(), e))?;
+            let broken = |e: hyper::Error| ClientError::Protocol(format!("control connection failed: {e}"));
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(broken)?;
+            tokio::spawn(conn);
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .header("host", "supd")
+                .header("content-type", "application/json")
+                .body(Full::new(body))
+                .map_err(|e| ClientError::Protocol(e.to_string()))?;
+            let resp = sender.send_request(req).await.map_err(broken)?;
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.map_err(broken)?.to_bytes();
+            if !status.is_success() {
+                return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                    Ok(e) => ClientError::Api { code: e.error.code, message: e.error.message },
+                    Err(_) => ClientError::Protocol(format!("supd answered {status}")),
+                });
+            }
+            serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Protocol(format!("cannot decode supd's answer: {e}")))
+        })
+    }
+}

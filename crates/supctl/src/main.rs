@@ -1,0 +1,143 @@
+//! `supctl`: the sup command line. Talks to supd over its control socket.
+
+mod client;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use sup_proto::{exit, ActionRequest, ActionResponse, StatusResponse};
+
+use crate::client::{Client, ClientError};
+
+/// Drives supd, the sup process supervisor.
+#[derive(Debug, Parser)]
+#[command(name = "supctl", version, about, after_help = EXIT_CODES)]
+struct Cli {
+    /// Control socket of supd (default: from --config, else /run/supd/control.sock as root, else $XDG_RUNTIME_DIR/supd/control.sock).
+    #[arg(long, global = true, env = "SUPD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// supervisor.toml to take the control socket path from.
+    #[arg(long, global = true, env = "SUPD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+const EXIT_CODES: &str = "Exit status: 0 success, 1 the operation failed, 2 usage error, 3 supd cannot be reached.";
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show apps and their instances.
+    #[command(visible_aliases = ["ls", "list"])]
+    Status {
+        /// Only this app.
+        app: Option<String>,
+        /// Print JSON for scripts.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start an app's stopped or errored instances and wait until they are ready.
+    Start(Target),
+    /// Stop an app gracefully (stop signal, then SIGKILL after stop_timeout).
+    Stop(Target),
+    /// Stop then start an app (use reload for zero downtime).
+    Restart(Target),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct Target {
+    /// The app.
+    app: Option<String>,
+    /// Every app.
+    #[arg(long)]
+    all: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file without a running supd (exit 0 valid, 1 invalid).
+    Check {
+        /// The file (default: --config, SUPD_CONFIG, else ./supervisor.toml).
+        file: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("supctl: {e}");
+            if let Some(hint) = e.hint() {
+                eprintln!("hint: {hint}");
+            }
+            e.exit_code()
+        }
+    };
+    ExitCode::from(code as u8)
+}
+
+fn run(cli: Cli) -> Result<i32, ClientError> {
+    if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
+        let path = file.clone().or(cli.config.clone()).unwrap_or_else(|| PathBuf::from("supervisor.toml"));
+        return Ok(match sup_config::load(&path) {
+            Ok(cfg) => {
+                println!("{}: {}", path.display(), sup_config::check_message(&cfg));
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                exit::FAILED
+            }
+        });
+    }
+    let client = Client::new(socket_path(&cli)?)?;
+    match cli.command {
+        Command::Status { app, json } => {
+            let path = match &app {
+                Some(a) => format!("/v1/status?app={a}"),
+                None => "/v1/status".to_string(),
+            };
+            let status: StatusResponse = client.get(&path)?;
+            if json {
+                output::print_json(&status);
+            } else {
+                output::print_status(&status);
+            }
+            Ok(exit::OK)
+        }
+        Command::Start(t) => action(&client, "start", t),
+        Command::Stop(t) => action(&client, "stop", t),
+        Command::Restart(t) => action(&client, "restart", t),
+        Command::Config(_) => Ok(exit::USAGE),
+    }
+}
+
+fn action(client: &Client, verb: &str, t: Target) -> Result<i32, ClientError> {
+    let req = ActionRequest { app: t.app, all: t.all };
+    let resp: ActionResponse = client.post(&format!("/v1/{verb}"), &req)?;
+    for r in &resp.results {
+        let mark = if r.ok { "ok" } else { "FAILED" };
+        println!("{}: {mark}: {}", r.app, r.message);
+    }
+    Ok(if resp.all_ok() { exit::OK } else { exit::FAILED })
+}
+
+/// `--socket`, else `SUPD_SOCKET` (both via clap), else the config's, else the default.
+fn socket_path(cli: &Cli) -> Result<PathBuf, ClientError> {
+    if let Some(s) = &cli.socket {
+        return Ok(s.clone());
+    }
+    if let Some(cfg) = &cli.config {
+        return sup_config::load(cfg)
+            .map(|c| c.supervisor.control_socket)
+            .map_err(|e| ClientError::Config(e.to_string()));
+    }
+    Ok(sup_config::default_control_socket())
+}

@@ -1,0 +1,72 @@
+//! Tables and JSON for humans and scripts.
+
+use std::io::Write;
+
+use sup_proto::StatusResponse;
+
+/// Prints JSON; a closed pipe (`| head`) is not an error.
+pub fn print_json<T: serde::Serialize>(v: &T) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer_pretty(&mut out, v);
+    let _ = writeln!(out);
+}
+
+/// Prints the status table.
+pub fn print_status(s: &StatusResponse) {
+    let mut rows = vec![["APP", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "REASON"].map(String::from).to_vec()];
+    for app in &s.apps {
+        for i in &app.instances {
+            rows.push(vec![
+                app.name.clone(),
+                i.slot.to_string(),
+                i.pid.map_or("-".into(), |p| p.to_string()),
+                i.state.as_str().to_string(),
+                i.uptime_ms.map_or("-".into(), uptime),
+                i.restarts.to_string(),
+                i.status_text.clone().unwrap_or_else(|| i.reason.clone()),
+            ]);
+        }
+        if app.instances.is_empty() {
+            rows.push(vec![app.name.clone(), "-".into(), "-".into(), "no instances".into()]);
+        }
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| if c + 1 == row.len() { cell.clone() } else { format!("{cell:<w$}", w = widths[c]) })
+            .collect();
+        if writeln!(out, "{}", line.join("  ").trim_end()).is_err() {
+            return;
+        }
+    }
+}
+
+/// `3d4h`, `2h5m`, `4m12s`, `12s`.
+pub fn uptime(ms: u64) -> String {
+    let s = ms / 1000;
+    let (d, h, m, sec) = (s / 86400, s / 3600 % 24, s / 60 % 60, s % 60);
+    if d > 0 {
+        format!("{d}d{h}h")
+    } else if h > 0 {
+        format!("{h}h{m}m")
+    } else if m > 0 {
+        format!("{m}m{sec}s")
+    } else {
+        format!("{sec}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn uptimes_read_well() {
+        for (ms, want) in [(0, "0s"), (12_500, "12s"), (252_000, "4m12s"), (7_500_000, "2h5m"), (273_600_000, "3d4h")] {
+            assert_eq!(super::uptime(ms), want);
+        }
+    }
+}

@@ -1,0 +1,113 @@
+//! `supd`: the sup daemon. Runs in the foreground, systemd style.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use sup_core::control::{self, Access};
+use sup_core::Supervisor;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Runs and supervises the apps of a supervisor.toml, in the foreground.
+#[derive(Debug, Parser)]
+#[command(name = "supd", version, about)]
+struct Args {
+    /// The configuration file.
+    #[arg(long, short, env = "SUPD_CONFIG", default_value = "/etc/supd/supervisor.toml")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match sup_config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("supd: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| config.supervisor.log_level.clone());
+    let (writer, _guard) = tracing_appender::non_blocking(std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
+        .with_writer(writer)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    // Orphaned grandchildren come back to us, so we can reap them and none outlives supd.
+    // SAFETY: prctl with these arguments has no memory-safety preconditions.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("supd: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("supd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(config: sup_config::Config) -> Result<(), String> {
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let sc = config.supervisor.clone();
+    // The socket first: a second supd must fail before touching any listener.
+    let listener =
+        control::bind(&sc.control_socket, sc.control_socket_mode, sc.control_socket_group.as_ref().map(|g| g.gid))
+            .map_err(|e| e.to_string())?;
+    let sup = match Supervisor::start(config).await {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = std::fs::remove_file(&sc.control_socket);
+            return Err(e.to_string());
+        }
+    };
+    let access =
+        Access { owner: nix::unistd::geteuid().as_raw(), group: sc.control_socket_group.as_ref().map(|g| g.gid) };
+    let server = tokio::spawn(control::serve(sup.clone(), listener, access));
+    tracing::info!(socket = %sc.control_socket.display(), "supd {} running {} apps", env!("CARGO_PKG_VERSION"), sup.apps().len());
+
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping all apps"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping all apps"),
+    }
+    let stopping = Arc::clone(&sup);
+    let graceful = tokio::spawn(async move { stopping.shutdown().await });
+    tokio::pin!(graceful);
+    tokio::select! {
+        _ = &mut graceful => {}
+        _ = async { tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} } } => {
+            tracing::warn!("second signal: killing all workers");
+            sup.kill_all();
+            let _ = graceful.await;
+        }
+    }
+    server.abort();
+    let _ = std::fs::remove_file(&sc.control_socket);
+    kill_leftover_children();
+    tracing::info!("all workers stopped; exiting");
+    Ok(())
+}
+
+/// SIGKILLs any descendant that escaped its process group and was re-parented to us.
+fn kill_leftover_children() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return };
+    for task in tasks.flatten() {
+        let Ok(children) = std::fs::read_to_string(task.path().join("children")) else { continue };
+        for pid in children.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            tracing::warn!(pid, "killing leftover descendant");
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}

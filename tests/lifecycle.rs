@@ -1,0 +1,241 @@
+//! End-to-end: supd supervising real sup-demo workers, driven by real supctl.
+
+use std::time::{Duration, Instant};
+
+use sup::*;
+
+fn demo() -> String {
+    bin("sup-demo").display().to_string()
+}
+
+fn app(name: &str, instances: u32, port: u16, extra_args: &str, extra: &str) -> String {
+    format!(
+        "[apps.{name}]\ncommand = [\"{}\", \"--port\", \"{port}\"{extra_args}]\ninstances = {instances}\nready = \"notify\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n",
+        demo()
+    )
+}
+
+#[test]
+fn example_config_runs_as_is() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("supervisor.toml.example")).expect("example config");
+    let (web, internal) = (free_port(), free_port());
+    let text = text
+        .replace("./target/debug/sup-demo", &demo())
+        .replace("127.0.0.1:8080", &format!("127.0.0.1:{web}"))
+        .replace("port = 8090", &format!("port = {internal}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("supervisor.toml");
+    std::fs::write(&config, text).expect("write");
+    let out =
+        std::process::Command::new(bin("supctl")).args(["config", "check"]).arg(&config).output().expect("supctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let socket = dir.path().join("demo/run/control.sock");
+    let d = Daemon::start_with(dir, config, socket);
+    d.wait_ready("web", 2);
+    d.wait_ready("internal", 1);
+    let (code, body) = http_get(web, "/").expect("web answers");
+    assert_eq!(code, 200);
+    assert!(body.contains("instance="), "{body}");
+    assert_eq!(http_get(internal, "/health").expect("internal answers").0, 200);
+    let out = d.supctl(&["status"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("web") && table.contains("internal") && table.contains("ready"), "{table}");
+}
+
+#[test]
+fn killed_worker_is_replaced_in_its_slot() {
+    let port = free_port();
+    let d = Daemon::start(&app("web", 2, port, "", ""));
+    let before = d.wait_ready("web", 2);
+    let victim = before[1].pid.expect("pid");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    let after = wait_until("slot 1 to get a new ready worker", DEADLINE, || {
+        let i = d.instances("web");
+        let s1 = &i[1];
+        (s1.pid.is_some() && s1.pid != Some(victim) && s1.state == WorkerState::Ready).then_some(i)
+    });
+    assert_eq!(after[1].restarts, 1, "{:?}", after[1]);
+    assert_eq!(after[0].pid, before[0].pid, "slot 0 untouched");
+    assert_eq!(after[0].restarts, 0);
+    assert!(!alive(victim));
+    let (code, body) = http_get(port, "/").expect("request after the crash");
+    assert_eq!(code, 200, "{body}");
+}
+
+#[test]
+fn crash_loop_backs_off_and_ends_errored() {
+    let port = free_port();
+    let extra =
+        "max_restarts = 4\nrestart_window = \"60s\"\nbackoff = { initial = \"50ms\", multiplier = 2.0, max = \"5s\" }";
+    let d = Daemon::start(&app("crashy", 1, port, ", \"--exit-after\", \"0s\", \"--exit-code\", \"3\"", extra));
+    let errored = wait_until("crashy to be errored", DEADLINE, || {
+        let i = d.instances("crashy");
+        (i[0].state == WorkerState::Errored).then(|| i[0].clone())
+    });
+    assert!(errored.reason.contains("crashed 5 times"), "{}", errored.reason);
+    assert!(errored.reason.contains("exited with code 3"), "{}", errored.reason);
+    let delays: Vec<u64> = d
+        .log()
+        .lines()
+        .filter_map(|l| l.split("delay_ms=").nth(1))
+        .filter_map(|r| r.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok())
+        .collect();
+    assert!(d.log().contains("restarting now"), "first restart is immediate:\n{}", d.log());
+    assert_eq!(delays, vec![50, 100, 200], "growing backoff delays:\n{}", d.log());
+    // An operator's start gives it a fresh chance.
+    let out = d.supctl(&["start", "crashy"]);
+    assert_eq!(out.status.code(), Some(1), "start of a crashing app fails: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("exited with code 3"));
+}
+
+#[test]
+fn worker_ignoring_sigterm_is_killed_after_stop_timeout() {
+    let port = free_port();
+    let d = Daemon::start(&app("stubborn", 1, port, ", \"--ignore-sigterm\"", "stop_timeout = \"1s\""));
+    let pid = d.wait_ready("stubborn", 1)[0].pid.expect("pid");
+    let t0 = Instant::now();
+    let out = d.supctl(&["stop", "stubborn"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(t0.elapsed() >= Duration::from_millis(900), "stop waited for the stop timeout");
+    assert!(!alive(pid));
+    d.wait_log("did not stop within 1s; sending SIGKILL", DEADLINE);
+    let i = d.instances("stubborn");
+    assert_eq!(i[0].state, WorkerState::Stopped);
+    assert_eq!(i[0].pid, None);
+}
+
+#[test]
+fn sigterm_to_supd_leaves_no_worker_or_grandchild() {
+    let port = free_port();
+    let d = Daemon::start(&app("tree", 2, port, ", \"--spawn-grandchild\"", ""));
+    let pids: Vec<u32> = d.wait_ready("tree", 2).iter().filter_map(|i| i.pid).collect();
+    let log = d.path("logs/tree.out.log");
+    let grandchildren: Vec<u32> = wait_until("both grandchild pids in the log", DEADLINE, || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let g: Vec<u32> = text
+            .lines()
+            .filter_map(|l| l.split("grandchild pid=").nth(1))
+            .filter_map(|p| p.trim().parse().ok())
+            .collect();
+        (g.len() == 2).then_some(g)
+    });
+    assert!(grandchildren.iter().all(|&p| alive(p)));
+    let status = d.stop();
+    assert_eq!(status.code(), Some(0), "supd exits 0 on SIGTERM: {}", describe(status));
+    for pid in pids.iter().chain(&grandchildren) {
+        wait_until(&format!("process {pid} to be gone"), DEADLINE, || (!alive(*pid)).then_some(()));
+    }
+}
+
+#[test]
+fn config_errors_name_file_line_column_and_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("[apps.web]\ncommand = \"true\"\ninstances = \"lots\"\n", ":3:13: key `apps.web.instances`"),
+        (
+            "[apps.web]\ncommand = \"true\"\ninstancs = 2\n",
+            ":3:1: key `apps.web.instancs`: unknown key (did you mean `instances`?)",
+        ),
+        (
+            "[apps.web]\ncommand = \"true\"\nrequired_env = [\"SUP_TEST_SURELY_MISSING\"]\n",
+            ":3:16: key `apps.web.required_env`: missing required environment variable `SUP_TEST_SURELY_MISSING`",
+        ),
+    ];
+    for (i, (body, want)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad{i}.toml"));
+        std::fs::write(&path, body).expect("write");
+        let out =
+            std::process::Command::new(bin("supctl")).args(["config", "check"]).arg(&path).output().expect("supctl");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("{}{want}", path.display())), "case {i}: want `{want}` in:\n{err}");
+        let out = std::process::Command::new(bin("supd")).arg("--config").arg(&path).output().expect("supd");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(want), "supd refuses too: {err}");
+    }
+}
+
+#[test]
+fn malformed_control_requests_get_4xx_and_change_nothing() {
+    let port = free_port();
+    let d = Daemon::start(&app("web", 2, port, "", ""));
+    let before = d.wait_ready("web", 2);
+    let big = format!("POST /v1/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n{}", "x".repeat(70_000));
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"\x00\x01garbage\r\n\r\n".to_vec(), "400"),
+        (b"GET /v1/nope HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "404"),
+        (b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "404"),
+        (b"GET /v1/stop HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), "405"),
+        (b"POST /v1/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\n{not json".to_vec(), "400"),
+        (b"POST /v1/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 14\r\n\r\n{\"app\":\"nope\"}".to_vec(), "404"),
+        (
+            b"POST /v1/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 25\r\n\r\n{\"app\":\"web\",\"all\":true}".to_vec(),
+            "400",
+        ),
+        (b"POST /v1/stop HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"ap\":\"web\"}".to_vec(), "400"),
+        (big.into_bytes(), "413"),
+        (format!("GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "y".repeat(40_000)).into_bytes(), "431"),
+    ];
+    for (req, code) in cases {
+        let answer = raw_control(&d.socket, &req);
+        let first = answer.lines().next().unwrap_or("");
+        assert!(
+            first.contains(code),
+            "want {code} for {:?}, got {first:?}",
+            String::from_utf8_lossy(&req[..req.len().min(60)])
+        );
+        if code != "400" || answer.contains("{") {
+            assert!(answer.contains("\"error\"") || code == "431" || code == "400", "JSON error body: {answer}");
+        }
+    }
+    let after = d.wait_ready("web", 2);
+    assert_eq!(before.iter().map(|i| i.pid).collect::<Vec<_>>(), after.iter().map(|i| i.pid).collect::<Vec<_>>());
+    let out = d.supctl(&["stop", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "unknown app is a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no app named `nope`"));
+}
+
+#[test]
+fn supctl_reports_an_unreachable_supd_with_exit_3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(bin("supctl"))
+        .arg("--socket")
+        .arg(dir.path().join("none.sock"))
+        .arg("status")
+        .output()
+        .expect("supctl");
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach supd at"), "{err}");
+}
+
+#[test]
+fn a_live_control_socket_is_not_stolen_and_a_stale_one_is_replaced() {
+    let port = free_port();
+    let d = Daemon::start(&app("web", 1, port, "", ""));
+    d.wait_ready("web", 1);
+    let out = std::process::Command::new(bin("supd")).arg("--config").arg(&d.config).output().expect("second supd");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is in use by a running supd"));
+    d.wait_ready("web", 1);
+    // A SIGKILLed supd leaves its socket file behind; the next one takes over.
+    let config = d.config.clone();
+    d.signal(libc::SIGKILL);
+    let dir = {
+        let mut d = d;
+        wait_until("supd killed", DEADLINE, || {
+            let out =
+                std::process::Command::new(bin("supctl")).arg("--socket").arg(&d.socket).arg("status").output().ok()?;
+            (out.status.code() == Some(3)).then_some(())
+        });
+        std::mem::replace(&mut d.dir, tempfile::tempdir().expect("tempdir"))
+    };
+    assert!(dir.path().join("run/control.sock").exists(), "stale socket left behind");
+    let socket = dir.path().join("run/control.sock");
+    let d2 = Daemon::start_with(dir, config, socket);
+    d2.wait_ready("web", 1);
+}

@@ -1,0 +1,236 @@
+//! Helpers for the end-to-end tests and benchmarks: boot a real `supd` on a
+//! temporary folder, drive it with the real `supctl`, and wait on conditions
+//! with deadlines (never on bare sleeps).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use sup_proto::{InstanceStatus, StatusResponse, WorkerState};
+
+/// Generous default deadline: a loaded 2-core machine must not flake.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Folder of the workspace's built binaries (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let mut dir = exe.parent().expect("deps folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of one of the workspace's binaries; panics with a hint when it was not built.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or panics naming `what` after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat.rsplit(')').next().and_then(|r| r.split_whitespace().next());
+            state != Some("Z") && state != Some("X")
+        }
+        Err(_) => false,
+    }
+}
+
+/// A running supd on a temporary folder.
+pub struct Daemon {
+    child: Option<Child>,
+    /// The temporary folder holding the config, run and log folders.
+    pub dir: tempfile::TempDir,
+    /// The control socket.
+    pub socket: PathBuf,
+    /// The configuration file.
+    pub config: PathBuf,
+    log: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// Writes `apps` (TOML for `[apps.*]` tables) under a `[supervisor]` table of temp folders and starts supd.
+    pub fn start(apps: &str) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("temp dir");
+        let config = dir.path().join("supervisor.toml");
+        let body = format!(
+            "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\nlog_level = \"info\"\n\n{apps}"
+        );
+        std::fs::write(&config, body).expect("write config");
+        let socket = dir.path().join("run/control.sock");
+        Daemon::start_with(dir, config, socket)
+    }
+
+    /// Starts supd on an existing config file inside `dir`.
+    pub fn start_with(dir: tempfile::TempDir, config: PathBuf, socket: PathBuf) -> Daemon {
+        let mut child = Command::new(bin("supd"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("NOTIFY_SOCKET")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn supd");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stderr = child.stderr.take().expect("supd stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("SUP_TEST_VERBOSE").is_some() {
+                    eprintln!("supd: {line}");
+                }
+                let mut l = sink.lock().unwrap_or_else(|e| e.into_inner());
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let d = Daemon { child: Some(child), dir, socket, config, log };
+        wait_until("supd's control socket to answer", DEADLINE, || {
+            std::os::unix::net::UnixStream::connect(&d.socket).ok().map(|_| ())
+        });
+        d
+    }
+
+    /// Everything supd has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until supd's log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_until(&format!("`{needle}` in supd's log"), timeout, || self.log().contains(needle).then_some(()));
+    }
+
+    /// supd's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// Runs supctl against this daemon.
+    pub fn supctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("supctl")).arg("--socket").arg(&self.socket).args(args).output().expect("run supctl")
+    }
+
+    /// `supctl status --json`, parsed.
+    pub fn status(&self) -> StatusResponse {
+        let out = self.supctl(&["status", "--json"]);
+        assert!(out.status.success(), "supctl status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).expect("status JSON")
+    }
+
+    /// The instances of `app`.
+    pub fn instances(&self, app: &str) -> Vec<InstanceStatus> {
+        self.status().apps.into_iter().find(|a| a.name == app).map(|a| a.instances).unwrap_or_default()
+    }
+
+    /// Waits until every instance of `app` is ready; returns them.
+    pub fn wait_ready(&self, app: &str, n: usize) -> Vec<InstanceStatus> {
+        wait_until(&format!("{n} ready instances of `{app}`"), DEADLINE, || {
+            let i = self.instances(app);
+            (i.len() == n && i.iter().all(|i| i.state == WorkerState::Ready)).then_some(i)
+        })
+    }
+
+    /// Sends `sig` to supd.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(self.pid() as i32, sig) };
+    }
+
+    /// Sends SIGTERM and waits for supd to exit.
+    pub fn stop(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("child");
+        wait_until("supd to exit", DEADLINE, || child.try_wait().ok().flatten())
+    }
+
+    /// Waits for supd to exit by itself.
+    pub fn wait_exit(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("child");
+        wait_until("supd to exit", DEADLINE, || child.try_wait().ok().flatten())
+    }
+
+    /// A file under the daemon's folder.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Graceful first so workers do not outlive a failed test.
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(15) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One HTTP/1.1 GET on a new connection; returns status code and body.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let code = buf.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// Sends raw bytes on the control socket and returns the raw answer.
+pub fn raw_control(socket: &Path, bytes: &[u8]) -> String {
+    let mut s = std::os::unix::net::UnixStream::connect(socket).expect("connect control socket");
+    s.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let _ = s.write_all(bytes);
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Describes an exit status for assertions.
+pub fn describe(s: ExitStatus) -> String {
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("code {c}"),
+        (_, Some(sig)) => format!("signal {sig}"),
+        _ => "unknown".into(),
+    }
+}

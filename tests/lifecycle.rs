@@ -239,3 +239,103 @@ fn a_live_control_socket_is_not_stolen_and_a_stale_one_is_replaced() {
     let d2 = Daemon::start_with(dir, config, socket);
     d2.wait_ready("web", 1);
 }
+
+#[test]
+fn second_signal_escalates_to_sigkill() {
+    let port = free_port();
+    let d = Daemon::start(&app("stubborn", 1, port, ", \"--ignore-sigterm\"", "stop_timeout = \"60s\""));
+    let pid = d.wait_ready("stubborn", 1)[0].pid.expect("pid");
+    d.signal(libc::SIGTERM);
+    d.wait_log("SIGTERM: stopping all apps", DEADLINE);
+    d.wait_log("stop requested", DEADLINE);
+    assert!(alive(pid), "the worker ignores SIGTERM and has 60s to stop");
+    d.signal(libc::SIGTERM);
+    let t0 = std::time::Instant::now();
+    let status = d.wait_exit();
+    assert!(t0.elapsed() < Duration::from_secs(20), "did not wait for the 60s stop timeout");
+    assert_eq!(status.code(), Some(0), "{}", describe(status));
+    wait_until("the worker to be gone", DEADLINE, || (!alive(pid)).then_some(()));
+}
+
+#[test]
+fn workers_get_the_environment_of_the_protocol_and_the_config() {
+    let script = "echo vars: $SUP_APP $SUP_INSTANCE $NODE_APP_INSTANCE $GREETING $FROM_FILE $PORT ${NOTIFY_SOCKET:+notify} ${LISTEN_FDS:-nofds}; exec sleep 1000";
+    let d = Daemon::start_with_files(
+        &format!("[apps.env]\ncommand = [\"sh\", \"-c\", \"{script}\"]\ninstances = 2\nport = 4321\nenv = {{ GREETING = \"hi\" }}\nenv_file = \"app.env\"\n"),
+        &[("app.env", "FROM_FILE=s3cret\nGREETING=overridden-by-table\n")],
+    );
+    d.wait_ready("env", 2);
+    let log = d.path("logs/env.out.log");
+    let text = wait_until("both instances' lines", DEADLINE, || {
+        let t = std::fs::read_to_string(&log).ok()?;
+        (t.matches("vars:").count() == 2).then_some(t)
+    });
+    assert!(text.contains(" env#0 vars: env 0 0 hi s3cret 4321 notify nofds"), "{text}");
+    assert!(text.contains(" env#1 vars: env 1 1 hi s3cret 4321 notify nofds"), "{text}");
+    // Output lines are stamped with an RFC 3339 time.
+    let first = text.lines().next().unwrap_or("");
+    assert!(first.len() > 24 && first.as_bytes()[4] == b'-' && first.contains('T'), "{first}");
+    assert!(!d.log().contains("s3cret"), "secrets from env files never reach supd's log");
+}
+
+#[test]
+fn peers_without_permission_get_403() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("skipped: needs root to run supctl as another user");
+        return;
+    }
+    let port = free_port();
+    let apps = app("web", 1, port, "", "");
+    // A world-writable socket, so the peer-credential check is what refuses.
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let config = dir.path().join("supervisor.toml");
+    std::fs::write(
+        &config,
+        format!("[supervisor]\ncontrol_socket = \"run/control.sock\"\ncontrol_socket_mode = \"0666\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\n\n{apps}"),
+    )
+    .expect("write");
+    let socket = dir.path().join("run/control.sock");
+    let d = Daemon::start_with(dir, config, socket.clone());
+    d.wait_ready("web", 1);
+    let mode = std::fs::metadata(&socket).map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(mode.ok(), Some(0o666));
+    let out = std::os::unix::process::CommandExt::uid(
+        std::process::Command::new(bin("supctl")).arg("--socket").arg(&socket),
+        65534,
+    )
+    .args(["stop", "web"])
+    .output()
+    .expect("supctl as nobody");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("uid 65534 may not use this control socket"), "{err}");
+    d.wait_ready("web", 1);
+}
+
+#[test]
+fn workers_run_as_the_configured_user() {
+    if nix::unistd::geteuid().as_raw() != 0 {
+        eprintln!("skipped: needs root to switch users");
+        return;
+    }
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let config = dir.path().join("supervisor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\n\n{}",
+            app("web", 1, port, "", "user = \"nobody\"")
+        ),
+    )
+    .expect("write");
+    let socket = dir.path().join("run/control.sock");
+    let d = Daemon::start_with(dir, config, socket);
+    let pid = d.wait_ready("web", 1)[0].pid.expect("pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap_or("");
+    assert!(uid_line.split_whitespace().skip(1).all(|u| u == "65534"), "{uid_line}");
+    assert_eq!(http_get(port, "/health").expect("answers").0, 200);
+}

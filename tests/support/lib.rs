@@ -76,7 +76,15 @@ pub struct Daemon {
 impl Daemon {
     /// Writes `apps` (TOML for `[apps.*]` tables) under a `[supervisor]` table of temp folders and starts supd.
     pub fn start(apps: &str) -> Daemon {
+        Daemon::start_with_files(apps, &[])
+    }
+
+    /// Like [`Daemon::start`], writing `files` (relative path, contents) into the folder first.
+    pub fn start_with_files(apps: &str, files: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("temp dir");
+        for (rel, body) in files {
+            std::fs::write(dir.path().join(rel), body).expect("write file");
+        }
         let config = dir.path().join("supervisor.toml");
         let body = format!(
             "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\nlog_level = \"info\"\n\n{apps}"

@@ -20,6 +20,8 @@ use tokio::sync::mpsc;
 
 /// Longest line kept whole; longer ones are split (never buffered without bound).
 pub const MAX_LINE: usize = 64 * 1024;
+/// Bytes read from a pipe at once.
+const READ_CHUNK: usize = 64 * 1024;
 /// Lines of each worker kept in memory for failure reports.
 const TAIL_LINES: usize = 20;
 /// Chunks queued per app before readers wait for the writer.
@@ -84,10 +86,13 @@ fn open_append(path: &Path) -> std::io::Result<File> {
 }
 
 async fn read_loop(mut rx: pipe::Receiver, tx: mpsc::Sender<Chunk>, stream: Stream, prefix: String, tail: Tail) {
-    let mut buf = vec![0u8; 64 * 1024];
+    // Capacity, not length: pages are touched only when output arrives, so
+    // thousands of quiet workers cost almost nothing.
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut partial: Vec<u8> = Vec::new();
     loop {
-        let n = match rx.read(&mut buf).await {
+        buf.clear();
+        let n = match rx.read_buf(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };

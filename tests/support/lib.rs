@@ -242,3 +242,193 @@ pub fn describe(s: ExitStatus) -> String {
         _ => "unknown".into(),
     }
 }
+
+/// Counts of a load run.
+#[derive(Debug, Default, Clone)]
+pub struct LoadStats {
+    /// Requests answered 200.
+    pub ok: u64,
+    /// Requests that failed: connection errors, resets, non-200 answers.
+    pub failed: u64,
+    /// The first few failures, described.
+    pub errors: Vec<String>,
+    /// Answers per worker pid (from sup-demo's body).
+    pub by_pid: std::collections::HashMap<u32, u64>,
+}
+
+impl LoadStats {
+    fn merge(&mut self, o: LoadStats) {
+        self.ok += o.ok;
+        self.failed += o.failed;
+        self.errors.extend(o.errors);
+        self.errors.truncate(20);
+        for (k, v) in o.by_pid {
+            *self.by_pid.entry(k).or_default() += v;
+        }
+    }
+}
+
+/// A running load generator: client threads on loopback until [`Load::finish`].
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<LoadStats>>,
+}
+
+/// How a load client uses connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// One persistent connection per client, as a browser or a proxy keeps.
+    KeepAlive,
+    /// A new connection for every request.
+    NewConnection,
+}
+
+impl Load {
+    /// Starts `clients` threads of each mode in `modes` against 127.0.0.1:`port`.
+    pub fn start(port: u16, modes: &[Mode], clients: usize) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for &mode in modes {
+            for _ in 0..clients {
+                let (stop, done) = (stop.clone(), done.clone());
+                threads.push(std::thread::spawn(move || client(port, mode, &stop, &done)));
+            }
+        }
+        Load { stop, done, threads }
+    }
+
+    /// Requests completed so far (answered or failed).
+    pub fn count(&self) -> u64 {
+        self.done.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `n` more requests have completed: proof that load is flowing.
+    pub fn wait_for(&self, n: u64) {
+        let target = self.count() + n;
+        wait_until(&format!("{n} more requests"), DEADLINE, || (self.count() >= target).then_some(()));
+    }
+
+    /// Stops the clients and adds up their counts.
+    pub fn finish(self) -> LoadStats {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadStats::default();
+        for t in self.threads {
+            if let Ok(s) = t.join() {
+                total.merge(s);
+            }
+        }
+        total
+    }
+}
+
+enum Attempt {
+    Answered(u16, String, bool),
+    /// Nothing at all came back on a connection that had served before: the
+    /// server closed an idle keep-alive connection as our request crossed it.
+    /// Every HTTP client retries this case for idempotent requests.
+    StaleConnection,
+    Failed(String),
+}
+
+fn client(
+    port: u16,
+    mode: Mode,
+    stop: &std::sync::atomic::AtomicBool,
+    done: &std::sync::atomic::AtomicU64,
+) -> LoadStats {
+    let mut stats = LoadStats::default();
+    let mut conn: Option<BufReader<TcpStream>> = None;
+    let fail = |stats: &mut LoadStats, e: String| {
+        stats.failed += 1;
+        if stats.errors.len() < 20 {
+            stats.errors.push(e);
+        }
+    };
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let mut attempt = request(port, mode, &mut conn);
+        if matches!(attempt, Attempt::StaleConnection) {
+            attempt = request(port, mode, &mut conn);
+        }
+        match attempt {
+            Attempt::Answered(200, body, _) => {
+                stats.ok += 1;
+                if let Some(pid) =
+                    body.split("pid=").nth(1).and_then(|r| r.split_whitespace().next()).and_then(|p| p.parse().ok())
+                {
+                    *stats.by_pid.entry(pid).or_default() += 1;
+                }
+            }
+            Attempt::Answered(code, body, _) => fail(&mut stats, format!("HTTP {code}: {body}")),
+            Attempt::StaleConnection => fail(&mut stats, "stale connection twice".into()),
+            Attempt::Failed(e) => fail(&mut stats, e),
+        }
+        done.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    stats
+}
+
+fn request(port: u16, mode: Mode, conn: &mut Option<BufReader<TcpStream>>) -> Attempt {
+    let reused = conn.is_some();
+    if conn.is_none() {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(15)));
+                let _ = s.set_nodelay(true);
+                *conn = Some(BufReader::new(s));
+            }
+            Err(e) => return Attempt::Failed(format!("connect: {e}")),
+        }
+    }
+    let Some(reader) = conn.as_mut() else { return Attempt::Failed("no connection".into()) };
+    let close = if mode == Mode::NewConnection { "close" } else { "keep-alive" };
+    let sent = write!(reader.get_mut(), "GET / HTTP/1.1\r\nHost: t\r\nConnection: {close}\r\n\r\n");
+    let result = read_response(reader);
+    let answer = match (sent, result) {
+        (Ok(()), Ok(a)) => Attempt::Answered(a.0, a.1, a.2),
+        (_, Err((0, _))) if reused => Attempt::StaleConnection,
+        (Err(e), _) => Attempt::Failed(format!("write: {e}")),
+        (_, Err((n, e))) => Attempt::Failed(format!("read after {n} bytes (reused: {reused}): {e}")),
+    };
+    let keep = matches!(answer, Attempt::Answered(_, _, true)) && mode == Mode::KeepAlive;
+    if !keep {
+        *conn = None;
+    }
+    answer
+}
+
+/// Reads one response; on error, how many bytes had arrived.
+fn read_response(r: &mut BufReader<TcpStream>) -> Result<(u16, String, bool), (usize, String)> {
+    let mut got = 0;
+    let mut line = String::new();
+    let mut status = 0;
+    let mut length = 0usize;
+    let mut keep = true;
+    loop {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => return Err((got, "connection closed".into())),
+            Ok(n) => got += n,
+            Err(e) => return Err((got, e.to_string())),
+        }
+        let l = line.trim_end();
+        if status == 0 {
+            status = l.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+            continue;
+        }
+        if l.is_empty() {
+            break;
+        }
+        let lower = l.to_ascii_lowercase();
+        if let Some(v) = lower.strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if lower.starts_with("connection:") && lower.contains("close") {
+            keep = false;
+        }
+    }
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body).map_err(|e| (got, e.to_string()))?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
+}

@@ -7,9 +7,11 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use sup_config::AppConfig;
-use sup_proto::{AppResult, AppStatus, InstanceStatus};
+use sup_proto::{AppResult, AppStatus, InstanceStatus, RestartReason, RolloutEvent};
+use tokio::sync::mpsc;
 
 use crate::listeners::{AppSockets, ListenError, SlotSockets};
 use crate::slot::{spawn_slot, SlotHandle};
@@ -24,8 +26,11 @@ struct Slot {
 struct Inner {
     spec: Arc<AppSpec>,
     slots: Vec<Slot>,
-    _sockets: AppSockets,
+    sockets: AppSockets,
 }
+
+/// Where a rollout reports its progress.
+pub type Progress = mpsc::UnboundedSender<RolloutEvent>;
 
 /// A supervised app.
 pub struct App {
@@ -51,7 +56,7 @@ impl App {
         Ok(Arc::new(App {
             name: spec.cfg.name.clone(),
             ctx,
-            inner: Mutex::new(Inner { spec, slots, _sockets: sockets }),
+            inner: Mutex::new(Inner { spec, slots, sockets }),
             op: Arc::default(),
             op_name: Mutex::new(None),
         }))
@@ -98,8 +103,8 @@ impl App {
     }
 
     /// Starts every slot that is not running; waits until all are ready or failed.
-    pub async fn start(self: &Arc<Self>) -> AppResult {
-        self.run_op("start", |app| async move {
+    pub async fn start(self: &Arc<Self>, wait: bool) -> AppResult {
+        self.run_op("start", wait, |app| async move {
             let spec = app.spec();
             let pending: Vec<_> = app.slots().iter().map(|s| (s.slot, s.start(spec.clone()))).collect();
             let mut failures = Vec::new();
@@ -115,8 +120,8 @@ impl App {
     }
 
     /// Stops every slot gracefully; waits until all workers have exited.
-    pub async fn stop(self: &Arc<Self>) -> AppResult {
-        self.run_op("stop", |app| async move {
+    pub async fn stop(self: &Arc<Self>, wait: bool) -> AppResult {
+        self.run_op("stop", wait, |app| async move {
             let slots = app.slots();
             let pending: Vec<_> = slots.iter().map(|s| s.stop()).collect();
             for fut in pending {
@@ -128,8 +133,8 @@ impl App {
     }
 
     /// Stops then starts every slot (PM2's `restart`; `reload` is the zero-downtime one).
-    pub async fn restart(self: &Arc<Self>) -> AppResult {
-        self.run_op("restart", |app| async move {
+    pub async fn restart(self: &Arc<Self>, wait: bool) -> AppResult {
+        self.run_op("restart", wait, |app| async move {
             let slots = app.slots();
             let stops: Vec<_> = slots.iter().map(|s| s.stop()).collect();
             for fut in stops {
@@ -146,6 +151,204 @@ impl App {
             app.result(slots.len(), "restarted", failures)
         })
         .await
+    }
+
+    /// Rolls every slot onto `cfg`, `reload_parallelism` at a time: each new
+    /// worker must be ready before its old one drains. On the first failure the
+    /// rollout stops and the slots already replaced go back to the previous version.
+    pub async fn reload(
+        self: &Arc<Self>,
+        cfg: AppConfig,
+        reason: RestartReason,
+        wait: bool,
+        progress: Progress,
+    ) -> AppResult {
+        self.run_op("reload", wait, move |app| async move { app.roll(cfg, reason, &progress).await }).await
+    }
+
+    async fn roll(self: &Arc<Self>, cfg: AppConfig, reason: RestartReason, progress: &Progress) -> AppResult {
+        let old = self.spec();
+        if cfg.listen != old.cfg.listen || cfg.listen_backlog != old.cfg.listen_backlog {
+            return self.fail("listen addresses changed: `supctl config apply` re-creates the app's sockets".into());
+        }
+        let new = Arc::new(AppSpec { cfg, version: old.version + 1 });
+        let slots = self.slots();
+        let _ = progress.send(RolloutEvent::Started {
+            app: self.name.clone(),
+            kind: reason_kind(reason).into(),
+            slots: slots.iter().map(|s| s.slot).collect(),
+            from_version: old.version,
+            to_version: new.version,
+        });
+        let parallel = new.cfg.reload_parallelism.max(1) as usize;
+        let mut failure = None;
+        for chunk in slots.chunks(parallel) {
+            let t0 = Instant::now();
+            let pending: Vec<_> = chunk.iter().map(|s| (s.slot, s.replace(new.clone(), reason))).collect();
+            for (slot, fut) in pending {
+                match fut.await {
+                    Ok(r) => {
+                        let _ = progress.send(RolloutEvent::SlotReplaced {
+                            app: self.name.clone(),
+                            slot,
+                            old_pid: r.old_pid.map(|p| p as u32),
+                            new_pid: r.new_pid as u32,
+                            ready_ms: r.ready_ms,
+                            total_ms: t0.elapsed().as_millis() as u64,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = progress.send(RolloutEvent::SlotFailed {
+                            app: self.name.clone(),
+                            slot,
+                            message: e.clone(),
+                        });
+                        failure.get_or_insert((slot, e));
+                    }
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+        }
+        let Some((slot, why)) = failure else {
+            let mut inner = self.inner();
+            let mut spec = AppSpec { cfg: new.cfg.clone(), version: new.version };
+            spec.cfg.instances = inner.slots.len() as u32;
+            inner.spec = Arc::new(spec);
+            drop(inner);
+            let n = slots.len();
+            let message = format!("rolled {n}/{n} instances to version {}", new.version);
+            return AppResult { app: self.name.clone(), ok: true, message };
+        };
+        // Every slot that now runs (or tries to run) the new version goes back.
+        let touched: Vec<_> = slots.iter().filter(|s| s.view.borrow().version == new.version).cloned().collect();
+        let ids: Vec<u32> = touched.iter().map(|s| s.slot).collect();
+        let _ = progress.send(RolloutEvent::RollingBack { app: self.name.clone(), slots: ids.clone() });
+        let pending: Vec<_> = touched.iter().map(|s| (s.slot, s.replace(old.clone(), reason))).collect();
+        let mut back_failures = Vec::new();
+        for (s, fut) in pending {
+            let (ok, message) = match fut.await {
+                Ok(r) => (true, format!("back on version {} (pid {})", old.version, r.new_pid)),
+                Err(e) => {
+                    back_failures.push(s);
+                    (false, e)
+                }
+            };
+            let _ = progress.send(RolloutEvent::SlotRolledBack { app: self.name.clone(), slot: s, ok, message });
+        }
+        let mut message = format!(
+            "{} of `{}` failed at slot {slot}: {why}\nrolled back {} slot(s) to version {}; the others were not touched",
+            reason_kind(reason),
+            self.name,
+            ids.len(),
+            old.version
+        );
+        if !back_failures.is_empty() {
+            message.push_str(&format!("\nslots {back_failures:?} could not be put back; see `supctl status`"));
+        }
+        AppResult { app: self.name.clone(), ok: false, message }
+    }
+
+    /// Changes the number of instances: new slots start (and must become ready)
+    /// on fresh sockets; removed slots drain, then their sockets close.
+    pub async fn scale(self: &Arc<Self>, n: u32, wait: bool, progress: Progress) -> AppResult {
+        if n == 0 {
+            return self.fail("instances must be at least 1; use `supctl stop` to stop an app".into());
+        }
+        self.run_op("scale", wait, move |app| async move { app.scale_now(n, &progress).await }).await
+    }
+
+    async fn scale_now(self: &Arc<Self>, n: u32, progress: &Progress) -> AppResult {
+        let spec = self.spec();
+        let current = self.inner().slots.len() as u32;
+        let _ = progress.send(RolloutEvent::Started {
+            app: self.name.clone(),
+            kind: "scale".into(),
+            slots: (n.min(current)..n.max(current)).collect(),
+            from_version: spec.version,
+            to_version: spec.version,
+        });
+        if n > current {
+            let mut added = Vec::new();
+            for slot in current..n {
+                let sockets = {
+                    let inner = self.inner();
+                    inner.sockets.for_slot(&spec.cfg)
+                };
+                let sockets = match sockets {
+                    Ok(s) => Arc::new(s),
+                    Err(e) => return self.fail(e.to_string()),
+                };
+                let handle = spawn_slot(slot, self.ctx.clone(), spec.clone(), sockets.clone());
+                self.inner().slots.push(Slot { handle: handle.clone(), _sockets: sockets });
+                added.push(handle);
+            }
+            let pending: Vec<_> = added.iter().map(|h| (h.slot, h.start(spec.clone()))).collect();
+            let mut failures = Vec::new();
+            for (slot, fut) in pending {
+                match fut.await {
+                    Ok(r) => {
+                        let _ = progress.send(RolloutEvent::SlotAdded {
+                            app: self.name.clone(),
+                            slot,
+                            pid: r.new_pid as u32,
+                            ready_ms: r.ready_ms,
+                        });
+                    }
+                    Err(e) => {
+                        let _ = progress.send(RolloutEvent::SlotFailed {
+                            app: self.name.clone(),
+                            slot,
+                            message: e.clone(),
+                        });
+                        failures.push(format!("slot {slot}: {e}"));
+                    }
+                }
+            }
+            if !failures.is_empty() {
+                // Back to the old size: the new slots never served.
+                self.remove_slots(current, progress).await;
+                return AppResult {
+                    app: self.name.clone(),
+                    ok: false,
+                    message: format!(
+                        "scale of `{}` to {n} failed; back at {current}:\n{}",
+                        self.name,
+                        failures.join("\n")
+                    ),
+                };
+            }
+        } else if n < current {
+            self.remove_slots(n, progress).await;
+        }
+        let mut cfg = spec.cfg.clone();
+        cfg.instances = n;
+        self.inner().spec = Arc::new(AppSpec { cfg, version: spec.version });
+        AppResult { app: self.name.clone(), ok: true, message: format!("scaled from {current} to {n} instances") }
+    }
+
+    /// Stops slots `keep..` and closes their sockets once their workers are gone.
+    async fn remove_slots(&self, keep: u32, progress: &Progress) {
+        let doomed: Vec<SlotHandle> = self.slots().into_iter().filter(|s| s.slot >= keep).collect();
+        let pending: Vec<_> = doomed.iter().map(|s| (s.slot, s.stop())).collect();
+        for (slot, fut) in pending {
+            fut.await;
+            let _ = progress.send(RolloutEvent::SlotRemoved { app: self.name.clone(), slot });
+        }
+        // Dropping the last handle ends the slot task; dropping the sockets closes
+        // them, and with net.ipv4.tcp_migrate_req the kernel moves connections
+        // still queued in them to the remaining slots.
+        self.inner().slots.retain(|s| s.handle.slot < keep);
+    }
+
+    /// A successful result with `message`.
+    pub fn result_ok(&self, message: &str) -> AppResult {
+        AppResult { app: self.name.clone(), ok: true, message: message.to_string() }
+    }
+
+    fn fail(&self, message: String) -> AppResult {
+        AppResult { app: self.name.clone(), ok: false, message }
     }
 
     /// Stops every slot, ignoring any operation in progress (supd is shutting down).
@@ -175,13 +378,14 @@ impl App {
     }
 
     /// Runs one operation at a time per app, in its own task.
-    async fn run_op<F, Fut>(self: &Arc<Self>, name: &'static str, f: F) -> AppResult
+    async fn run_op<F, Fut>(self: &Arc<Self>, name: &'static str, wait: bool, f: F) -> AppResult
     where
         F: FnOnce(Arc<App>) -> Fut + Send + 'static,
         Fut: Future<Output = AppResult> + Send + 'static,
     {
         let guard = match self.op.clone().try_lock_owned() {
             Ok(g) => g,
+            Err(_) if wait => self.op.clone().lock_owned().await,
             Err(_) => {
                 let running = self.op_name.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or("operation");
                 return AppResult {
@@ -209,5 +413,12 @@ impl App {
     /// The shared worker context of this app.
     pub fn ctx(&self) -> &Arc<WorkerCtx> {
         &self.ctx
+    }
+}
+
+fn reason_kind(r: RestartReason) -> &'static str {
+    match r {
+        RestartReason::Config => "config apply",
+        _ => "reload",
     }
 }

@@ -1,25 +1,34 @@
 //! The control API: HTTP/1.1 + JSON over a Unix socket.
 //!
-//! Routes (all under `/v1`): `GET /status[?app=NAME]`, `POST /start`,
-//! `POST /stop`, `POST /restart` with an [`ActionRequest`] body. Errors are
+//! Routes (all under `/v1`): `GET /status[?app=NAME]`; `POST /start`,
+//! `/stop`, `/restart` with an [`ActionRequest`] body, answered with one JSON
+//! document; `POST /reload` ([`ActionRequest`]), `/scale` ([`ScaleRequest`])
+//! and `/config/apply`, answered with a stream of newline-delimited
+//! [`RolloutEvent`]s ending with `done`. Errors are
 //! `{"error":{"code":…,"message":…}}`. Requests are bounded in size, header
 //! time and number of connections; peers are checked by their credentials.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use sup_proto::{ActionRequest, ErrorBody, API_PREFIX, MAX_REQUEST_BODY};
+use serde::de::DeserializeOwned;
+use sup_proto::{ActionRequest, ActionResponse, ErrorBody, RolloutEvent, ScaleRequest, API_PREFIX, MAX_REQUEST_BODY};
 use tokio::net::UnixListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 
+use crate::app::Progress;
 use crate::supervisor::{ApiError, Supervisor, Verb};
 
 /// Most control connections served at once; more wait in the backlog.
@@ -120,7 +129,7 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access)
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let sup = sup.clone();
-                async move { Ok::<_, Infallible>(route(&sup, allowed, peer_uid, req).await) }
+                async move { Ok::<_, Infallible>(route(sup, allowed, peer_uid, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -135,11 +144,11 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access)
     }
 }
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<BoxBody<Bytes, Infallible>>;
 
 fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Resp {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    let mut r = Response::new(Full::new(Bytes::from(bytes)).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     r
@@ -153,10 +162,11 @@ fn api_error(e: ApiError) -> Resp {
     match e {
         ApiError::UnknownApp(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
         ApiError::BadRequest(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
+        ApiError::InvalidConfig(_) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e.to_string()),
     }
 }
 
-async fn route(sup: &Supervisor, allowed: bool, peer_uid: Option<u32>, req: Request<Incoming>) -> Resp {
+async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: Request<Incoming>) -> Resp {
     if !allowed {
         let who = peer_uid.map_or("an unknown peer".to_string(), |u| format!("uid {u}"));
         return error(StatusCode::FORBIDDEN, "forbidden", format!("{who} may not use this control socket"));
@@ -169,22 +179,20 @@ async fn route(sup: &Supervisor, allowed: bool, peer_uid: Option<u32>, req: Requ
             format!("no route `{path}`; routes start with `{API_PREFIX}/`"),
         );
     };
-    let verb = match rest {
-        "/status" => {
-            if req.method() != Method::GET {
-                return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/status");
-            }
-            let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
-            return match sup.status(app) {
-                Ok(s) => json(StatusCode::OK, &s),
-                Err(e) => api_error(e),
-            };
+    let rest = rest.to_string();
+    if rest == "/status" {
+        if req.method() != Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/status");
         }
-        "/start" => Verb::Start,
-        "/stop" => Verb::Stop,
-        "/restart" => Verb::Restart,
-        _ => return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`")),
-    };
+        let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
+        return match sup.status(app) {
+            Ok(s) => json(StatusCode::OK, &s),
+            Err(e) => api_error(e),
+        };
+    }
+    if !["/start", "/stop", "/restart", "/reload", "/scale", "/config/apply"].contains(&rest.as_str()) {
+        return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`"));
+    }
     if req.method() != Method::POST {
         return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("use POST for {path}"));
     }
@@ -192,14 +200,122 @@ async fn route(sup: &Supervisor, allowed: bool, peer_uid: Option<u32>, req: Requ
         Ok(b) => b,
         Err(r) => return r,
     };
-    let action: ActionRequest = match serde_json::from_slice(&body) {
-        Ok(a) => a,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_request", format!("invalid request body: {e}")),
-    };
-    match sup.action(verb, &action).await {
-        Ok(r) => json(StatusCode::OK, &r),
-        Err(e) => api_error(e),
+    match rest.as_str() {
+        "/start" | "/stop" | "/restart" => {
+            let verb = match rest.as_str() {
+                "/start" => Verb::Start,
+                "/stop" => Verb::Stop,
+                _ => Verb::Restart,
+            };
+            let action: ActionRequest = match parse(&body) {
+                Ok(a) => a,
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+            };
+            match sup.action(verb, &action).await {
+                Ok(r) => json(StatusCode::OK, &r),
+                Err(e) => api_error(e),
+            }
+        }
+        "/reload" => {
+            let action: ActionRequest = match parse(&body) {
+                Ok(a) => a,
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+            };
+            stream(move |p| async move { sup.reload(&action, p).await }).await
+        }
+        "/scale" => {
+            let scale: ScaleRequest = match parse(&body) {
+                Ok(a) => a,
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+            };
+            stream(move |p| async move { sup.scale(&scale.app, scale.instances, scale.wait, p).await }).await
+        }
+        _ => {
+            if !body.iter().all(u8::is_ascii_whitespace) && body.as_ref() != b"{}" {
+                return error(StatusCode::BAD_REQUEST, "bad_request", "config apply takes no body (or `{}`)");
+            }
+            stream(move |p| async move { sup.apply(p).await }).await
+        }
     }
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))
+}
+
+/// A response body fed from a channel, one NDJSON line per message.
+struct ChannelBody(mpsc::UnboundedReceiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn ndjson(ev: &RolloutEvent) -> Bytes {
+    let mut line = serde_json::to_vec(ev).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// Runs a rollout in a task of its own (a client hanging up does not cancel
+/// it) and streams its events. Errors found before the first event (unknown
+/// app, invalid config) are answered with a plain 4xx instead.
+async fn stream<F, Fut>(f: F) -> Resp
+where
+    F: FnOnce(Progress) -> Fut,
+    Fut: Future<Output = Result<ActionResponse, ApiError>> + Send + 'static,
+{
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
+    let mut op = tokio::spawn(f(ev_tx));
+    let first = tokio::select! {
+        ev = ev_rx.recv() => ev,
+        res = &mut op => match res {
+            Ok(Err(e)) => return api_error(e),
+            Ok(Ok(r)) => {
+                let mut lines = Vec::new();
+                while let Ok(ev) = ev_rx.try_recv() {
+                    lines.extend_from_slice(&ndjson(&ev));
+                }
+                lines.extend_from_slice(&ndjson(&RolloutEvent::Done { results: r.results }));
+                return ndjson_response(Full::new(Bytes::from(lines)).boxed());
+            }
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("rollout task failed: {e}")),
+        },
+    };
+    let (body_tx, body_rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut next = first;
+        while let Some(ev) = next {
+            let _ = body_tx.send(ndjson(&ev));
+            next = ev_rx.recv().await;
+        }
+        let done = match op.await {
+            Ok(Ok(r)) => RolloutEvent::Done { results: r.results },
+            Ok(Err(e)) => RolloutEvent::Done {
+                results: vec![sup_proto::AppResult { app: String::new(), ok: false, message: e.to_string() }],
+            },
+            Err(e) => RolloutEvent::Done {
+                results: vec![sup_proto::AppResult {
+                    app: String::new(),
+                    ok: false,
+                    message: format!("internal: {e}"),
+                }],
+            },
+        };
+        let _ = body_tx.send(ndjson(&done));
+    });
+    ndjson_response(BoxBody::new(ChannelBody(body_rx)))
+}
+
+fn ndjson_response(body: BoxBody<Bytes, Infallible>) -> Resp {
+    let mut r = Response::new(body);
+    r.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/x-ndjson"));
+    r
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, Resp> {

@@ -120,3 +120,24 @@ fn bind_unix(path: &Path, backlog: u32) -> std::io::Result<OwnedFd> {
     sock.listen(backlog.min(i32::MAX as u32) as i32)?;
     Ok(sock.into())
 }
+
+const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
+
+/// Makes sure `net.ipv4.tcp_migrate_req` is on, so that closing a slot's socket
+/// (scale-down) moves the connections queued in it to the remaining slots
+/// instead of resetting them. Kernels before 5.14 lack it; there, such
+/// connections are reset, as documented.
+pub fn ensure_migrate_req() {
+    match std::fs::read_to_string(MIGRATE_REQ) {
+        Err(_) => tracing::warn!(
+            "this kernel has no net.ipv4.tcp_migrate_req: scaling down may reset connections queued in removed slots"
+        ),
+        Ok(v) if v.trim() == "1" => {}
+        Ok(_) => match std::fs::write(MIGRATE_REQ, "1") {
+            Ok(()) => tracing::info!("set net.ipv4.tcp_migrate_req = 1 so that scale-down never resets queued connections"),
+            Err(e) => tracing::warn!(
+                "cannot set net.ipv4.tcp_migrate_req = 1 ({e}): scaling down may reset connections queued in removed slots; set it with sysctl"
+            ),
+        },
+    }
+}

@@ -66,18 +66,18 @@ impl AppLogs {
         Ok(AppLogs { tx, app: app.into() })
     }
 
-    /// Starts the reader task of one worker stream.
-    pub fn capture(&self, fd: OwnedFd, stream: Stream, slot: u32, tail: Tail) {
+    /// Starts the reader task of one worker stream; it ends at EOF.
+    pub fn capture(&self, fd: OwnedFd, stream: Stream, slot: u32, tail: Tail) -> Option<tokio::task::JoinHandle<()>> {
         let rx = match pipe::Receiver::from_owned_fd(fd) {
             Ok(rx) => rx,
             Err(e) => {
                 tracing::error!(app = %self.app, slot, "cannot read worker output: {e}");
-                return;
+                return None;
             }
         };
         let tx = self.tx.clone();
         let prefix = format!(" {}#{} ", self.app, slot);
-        tokio::spawn(read_loop(rx, tx, stream, prefix, tail));
+        Some(tokio::spawn(read_loop(rx, tx, stream, prefix, tail)))
     }
 }
 

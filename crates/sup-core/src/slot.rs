@@ -353,11 +353,13 @@ impl SlotTask {
         }
         if !matches!(self.state, State::Ready { .. }) {
             // Nothing serves here: no need to keep an old worker beside the new one.
-            if let State::Starting { worker } =
-                std::mem::replace(&mut self.state, State::Stopped { reason: String::new() })
-            {
-                worker.kill();
-                self.draining.push(worker);
+            match std::mem::replace(&mut self.state, State::Stopped { reason: String::new() }) {
+                State::Starting { worker } => {
+                    worker.kill();
+                    self.draining.push(worker);
+                }
+                State::Stopping { worker } => self.draining.push(worker),
+                _ => {}
             }
             self.spec = spec;
             self.attempt = 0;

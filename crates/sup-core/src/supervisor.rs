@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use sup_config::Config;
-use sup_proto::{ActionRequest, ActionResponse, AppResult, StatusResponse};
+use sup_config::{AppConfig, Config};
+use sup_proto::{ActionRequest, ActionResponse, AppResult, RestartReason, StatusResponse};
 
-use crate::app::App;
+use crate::app::{App, Progress};
 use crate::logs::AppLogs;
 use crate::reaper::Reaper;
 use crate::spawner::Spawner;
@@ -42,6 +42,9 @@ pub enum ApiError {
     /// The request was malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// The configuration file on disk is invalid; nothing was changed.
+    #[error("the configuration file is invalid; nothing was changed: {0}")]
+    InvalidConfig(String),
 }
 
 /// The verbs of `POST /v1/<verb>`.
@@ -55,11 +58,21 @@ pub enum Verb {
     Restart,
 }
 
+/// What creating an app needs besides its configuration.
+struct Shared {
+    spawner: Spawner,
+    base_env: Arc<Vec<(String, String)>>,
+    notify_dir: PathBuf,
+    log_dir: PathBuf,
+}
+
 /// Everything supd supervises.
 pub struct Supervisor {
     apps: Mutex<Vec<Arc<App>>>,
-    /// The configuration supd started with.
-    pub config: Config,
+    config: Mutex<Config>,
+    shared: Shared,
+    // Serialises config apply with itself; per-app operations have their own lock.
+    apply: tokio::sync::Mutex<()>,
 }
 
 /// Variables meant for supd itself, never passed on to workers.
@@ -78,31 +91,23 @@ impl Supervisor {
         let spawner = Spawner::start(reaper).map_err(|e| StartError::Setup(format!("cannot start spawner: {e}")))?;
         let base_env: Arc<Vec<(String, String)>> =
             Arc::new(std::env::vars().filter(|(k, _)| !OWN_VARS.contains(&k.as_str())).collect());
+        if config.apps.iter().any(|a| a.listen.iter().any(|l| matches!(l, sup_config::ListenAddr::Tcp(_)))) {
+            crate::listeners::ensure_migrate_req();
+        }
+        let shared = Shared { spawner, base_env, notify_dir, log_dir: sc.log_dir.clone() };
         let mut apps = Vec::new();
         for cfg in &config.apps {
-            let logs = AppLogs::open(&sc.log_dir, &cfg.name).map_err(|source| StartError::Dir {
-                what: "log file in",
-                path: sc.log_dir.clone(),
-                source,
-            })?;
-            let ctx = Arc::new(WorkerCtx {
-                app: cfg.name.as_str().into(),
-                spawner: spawner.clone(),
-                logs,
-                notify_dir: notify_dir.clone(),
-                base_env: base_env.clone(),
-            });
-            apps.push(App::new(ctx, cfg.clone())?);
+            apps.push(shared.new_app(cfg.clone())?);
         }
-        let sup = Arc::new(Supervisor { apps: Mutex::new(apps), config });
+        let sup = Arc::new(Supervisor {
+            apps: Mutex::new(apps),
+            config: Mutex::new(config),
+            shared,
+            apply: tokio::sync::Mutex::new(()),
+        });
         for app in sup.apps() {
             if app.spec().cfg.autostart {
-                tokio::spawn(async move {
-                    let r = app.start().await;
-                    if !r.ok {
-                        tracing::warn!(app = %r.app, "start failed: {}", r.message);
-                    }
-                });
+                spawn_start(app);
             }
         }
         Ok(sup)
@@ -113,8 +118,22 @@ impl Supervisor {
         self.apps.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// The configuration file supd runs from.
+    pub fn config_path(&self) -> PathBuf {
+        self.config.lock().unwrap_or_else(|e| e.into_inner()).path.clone()
+    }
+
     fn find(&self, name: &str) -> Result<Arc<App>, ApiError> {
         self.apps().into_iter().find(|a| a.name == name).ok_or_else(|| ApiError::UnknownApp(name.to_string()))
+    }
+
+    fn targets(&self, app: &Option<String>, all: bool) -> Result<Vec<Arc<App>>, ApiError> {
+        match (app, all) {
+            (Some(_), true) => Err(ApiError::BadRequest("give either `app` or `all`, not both".into())),
+            (None, false) => Err(ApiError::BadRequest("give `app` or `all: true`".into())),
+            (Some(name), false) => Ok(vec![self.find(name)?]),
+            (None, true) => Ok(self.apps()),
+        }
     }
 
     /// The status of one app or all; never waits on a worker or a sample.
@@ -128,31 +147,138 @@ impl Supervisor {
 
     /// Runs a verb on one app or all of them, the apps in parallel.
     pub async fn action(&self, verb: Verb, req: &ActionRequest) -> Result<ActionResponse, ApiError> {
-        let targets = match (&req.app, req.all) {
-            (Some(_), true) => return Err(ApiError::BadRequest("give either `app` or `all`, not both".into())),
-            (None, false) => return Err(ApiError::BadRequest("give `app` or `all: true`".into())),
-            (Some(name), false) => vec![self.find(name)?],
-            (None, true) => self.apps(),
-        };
+        let wait = req.wait;
+        let tasks: Vec<_> = self
+            .targets(&req.app, req.all)?
+            .into_iter()
+            .map(|app| {
+                tokio::spawn(async move {
+                    match verb {
+                        Verb::Start => app.start(wait).await,
+                        Verb::Stop => app.stop(wait).await,
+                        Verb::Restart => app.restart(wait).await,
+                    }
+                })
+            })
+            .collect();
+        Ok(ActionResponse { results: join(tasks).await })
+    }
+
+    /// Re-reads the configuration file and rolls the named apps onto it (validation happens before anything changes).
+    pub async fn reload(&self, req: &ActionRequest, progress: Progress) -> Result<ActionResponse, ApiError> {
+        let targets = self.targets(&req.app, req.all)?;
+        let config = self.read_config()?;
         let mut tasks = Vec::new();
-        for app in targets {
-            tasks.push(tokio::spawn(async move {
-                match verb {
-                    Verb::Start => app.start().await,
-                    Verb::Stop => app.stop().await,
-                    Verb::Restart => app.restart().await,
-                }
-            }));
-        }
         let mut results = Vec::new();
-        for t in tasks {
-            results.push(t.await.unwrap_or_else(|e| AppResult {
-                app: String::new(),
-                ok: false,
-                message: format!("internal error: {e}"),
-            }));
+        for app in targets {
+            let Some(cfg) = config.apps.iter().find(|a| a.name == app.name).cloned() else {
+                results.push(AppResult {
+                    app: app.name.clone(),
+                    ok: false,
+                    message: format!(
+                        "`{}` is no longer in {}; `supctl config apply` removes it",
+                        app.name,
+                        config.path.display()
+                    ),
+                });
+                continue;
+            };
+            let (wait, progress) = (req.wait, progress.clone());
+            tasks.push(tokio::spawn(async move { app.reload(cfg, RestartReason::Reload, wait, progress).await }));
         }
+        results.extend(join(tasks).await);
         Ok(ActionResponse { results })
+    }
+
+    /// Changes an app's number of instances.
+    pub async fn scale(&self, app: &str, n: u32, wait: bool, progress: Progress) -> Result<ActionResponse, ApiError> {
+        let app = self.find(app)?;
+        let result = app.scale(n, wait, progress).await;
+        Ok(ActionResponse { results: vec![result] })
+    }
+
+    /// Re-reads the whole file and applies the difference: new apps start,
+    /// removed ones stop, changed ones roll. An invalid file changes nothing.
+    pub async fn apply(&self, progress: Progress) -> Result<ActionResponse, ApiError> {
+        let _serial = self.apply.lock().await;
+        let new = self.read_config()?;
+        let old = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut results = Vec::new();
+        if new.supervisor != old.supervisor {
+            results.push(AppResult {
+                app: "[supervisor]".into(),
+                ok: true,
+                message: "changed settings of [supervisor] take effect when supd restarts".into(),
+            });
+        }
+        let mut tasks = Vec::new();
+        for app in self.apps() {
+            if !new.apps.iter().any(|a| a.name == app.name) {
+                tasks.push(tokio::spawn(async move {
+                    app.shutdown().await;
+                    AppResult { app: app.name.clone(), ok: true, message: "removed: stopped".into() }
+                }));
+            }
+        }
+        for cfg in &new.apps {
+            let existing = self.apps().into_iter().find(|a| a.name == cfg.name);
+            let cfg = cfg.clone();
+            let progress = progress.clone();
+            match existing {
+                None => match self.shared.new_app(cfg) {
+                    Ok(app) => {
+                        self.apps.lock().unwrap_or_else(|e| e.into_inner()).push(app.clone());
+                        tasks.push(tokio::spawn(async move {
+                            let r =
+                                if app.spec().cfg.autostart { app.start(true).await } else { app.result_ok("added") };
+                            AppResult { message: format!("added: {}", r.message), ..r }
+                        }));
+                    }
+                    Err(e) => results.push(AppResult { app: e.app.clone(), ok: false, message: e.to_string() }),
+                },
+                Some(app) => {
+                    let current = app.spec().cfg.clone();
+                    if current == cfg {
+                        continue;
+                    }
+                    if current.listen != cfg.listen || current.listen_backlog != cfg.listen_backlog {
+                        // New sockets: the app is re-created (this one change is not zero-downtime).
+                        match self.replace_app(&app, cfg) {
+                            Ok(fresh) => tasks.push(tokio::spawn(async move {
+                                app.shutdown().await;
+                                let r = fresh.start(true).await;
+                                AppResult { message: format!("listeners changed; re-created: {}", r.message), ..r }
+                            })),
+                            Err(e) => {
+                                results.push(AppResult { app: app.name.clone(), ok: false, message: e.to_string() })
+                            }
+                        }
+                        continue;
+                    }
+                    tasks.push(tokio::spawn(apply_change(app, current, cfg, progress)));
+                }
+            }
+        }
+        results.extend(join(tasks).await);
+        let names: Vec<String> = new.apps.iter().map(|a| a.name.clone()).collect();
+        self.apps.lock().unwrap_or_else(|e| e.into_inner()).retain(|a| names.contains(&a.name));
+        // Keep configuration order.
+        self.apps.lock().unwrap_or_else(|e| e.into_inner()).sort_by_key(|a| names.iter().position(|n| *n == a.name));
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = new;
+        Ok(ActionResponse { results })
+    }
+
+    fn replace_app(&self, old: &Arc<App>, cfg: AppConfig) -> Result<Arc<App>, crate::listeners::ListenError> {
+        let fresh = self.shared.new_app(cfg)?;
+        let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = apps.iter_mut().find(|a| Arc::ptr_eq(a, old)) {
+            *slot = fresh.clone();
+        }
+        Ok(fresh)
+    }
+
+    fn read_config(&self) -> Result<Config, ApiError> {
+        sup_config::load(&self.config_path()).map_err(|e| ApiError::InvalidConfig(e.to_string()))
     }
 
     /// Stops every app gracefully, in parallel; returns when every worker has exited.
@@ -170,4 +296,65 @@ impl Supervisor {
             app.kill();
         }
     }
+}
+
+impl Shared {
+    fn new_app(&self, cfg: AppConfig) -> Result<Arc<App>, crate::listeners::ListenError> {
+        let logs = AppLogs::open(&self.log_dir, &cfg.name).map_err(|e| crate::listeners::ListenError {
+            app: cfg.name.clone(),
+            addr: self.log_dir.display().to_string(),
+            reason: format!("cannot open log files: {e}"),
+        })?;
+        let ctx = Arc::new(WorkerCtx {
+            app: cfg.name.as_str().into(),
+            spawner: self.spawner.clone(),
+            logs,
+            notify_dir: self.notify_dir.clone(),
+            base_env: self.base_env.clone(),
+        });
+        App::new(ctx, cfg)
+    }
+}
+
+/// Scales and/or rolls an existing app onto its changed configuration.
+async fn apply_change(app: Arc<App>, current: AppConfig, cfg: AppConfig, progress: Progress) -> AppResult {
+    let mut messages = Vec::new();
+    if current.instances != cfg.instances {
+        let r = app.scale(cfg.instances, true, progress.clone()).await;
+        if !r.ok {
+            return r;
+        }
+        messages.push(r.message);
+    }
+    let mut rest = current.clone();
+    rest.instances = cfg.instances;
+    if rest != cfg {
+        let r = app.reload(cfg, RestartReason::Config, true, progress).await;
+        if !r.ok {
+            return r;
+        }
+        messages.push(r.message);
+    }
+    AppResult { app: app.name.clone(), ok: true, message: messages.join("; ") }
+}
+
+fn spawn_start(app: Arc<App>) {
+    tokio::spawn(async move {
+        let r = app.start(true).await;
+        if !r.ok {
+            tracing::warn!(app = %r.app, "start failed: {}", r.message);
+        }
+    });
+}
+
+async fn join(tasks: Vec<tokio::task::JoinHandle<AppResult>>) -> Vec<AppResult> {
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap_or_else(|e| AppResult {
+            app: String::new(),
+            ok: false,
+            message: format!("internal error: {e}"),
+        }));
+    }
+    results
 }

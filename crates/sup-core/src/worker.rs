@@ -146,8 +146,13 @@ pub async fn start(
     };
     let spawned = ctx.spawner.spawn(spawn).await.map_err(|e| e.to_string())?;
     let tail = new_tail();
-    ctx.logs.capture(spawned.stdout, Stream::Out, slot, tail.clone());
-    ctx.logs.capture(spawned.stderr, Stream::Err, slot, tail.clone());
+    let readers: Vec<_> = [
+        ctx.logs.capture(spawned.stdout, Stream::Out, slot, tail.clone()),
+        ctx.logs.capture(spawned.stderr, Stream::Err, slot, tail.clone()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
 
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let handle = WorkerHandle { id, pid: spawned.pid, started: Instant::now(), spec: spec.clone(), tail, ctl: ctl_tx };
@@ -160,7 +165,7 @@ pub async fn start(
         stop_timeout: cfg.stop_timeout,
         events,
     };
-    tokio::spawn(watch.run(spawned.exit, notify, ctl_rx));
+    tokio::spawn(watch.run(spawned.exit, notify, ctl_rx, readers));
     Ok(handle)
 }
 
@@ -234,6 +239,7 @@ impl Watch {
         mut exit: tokio::sync::oneshot::Receiver<ExitInfo>,
         notify: NotifySocket,
         mut ctl: mpsc::UnboundedReceiver<WorkerCtl>,
+        readers: Vec<tokio::task::JoinHandle<()>>,
     ) {
         let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         let mut ready = false;
@@ -301,6 +307,17 @@ impl Watch {
         };
         // The main process is gone; whatever it left in its group goes with it.
         kill_group(self.pid, libc::SIGKILL);
+        if !ready {
+            // A failed start is reported with its last output lines: let the
+            // readers reach EOF first (bounded, in case an escaped descendant
+            // still holds the pipes).
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                for r in readers {
+                    let _ = r.await;
+                }
+            })
+            .await;
+        }
         self.send(WorkerEventKind::Exited { info, failure });
     }
 }

@@ -14,7 +14,6 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::listen::Listener;
@@ -37,39 +36,49 @@ impl Shared {
     }
 }
 
+/// Per-connection view of the shutdown: a flag and a drain counter.
+#[derive(Clone)]
+struct Drain {
+    stop: tokio::sync::watch::Receiver<bool>,
+    // Dropped when the connection ends; `run` waits until every clone is gone.
+    _alive: tokio::sync::mpsc::Sender<()>,
+}
+
 /// Serves on all listeners until `stop` resolves, then drains in-flight requests and returns.
 pub async fn run(listeners: Vec<Listener>, shared: Arc<Shared>, stop: impl Future<Output = ()>) {
-    let graceful = Arc::new(GracefulShutdown::new());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (alive_tx, mut alive_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let drain = Drain { stop: stop_rx, _alive: alive_tx };
     let accepts: Vec<_> =
-        listeners.into_iter().map(|l| tokio::spawn(accept_loop(l, shared.clone(), graceful.clone()))).collect();
+        listeners.into_iter().map(|l| tokio::spawn(accept_loop(l, shared.clone(), drain.clone()))).collect();
+    drop(drain);
 
     stop.await;
 
     shared.closing.store(true, Ordering::SeqCst);
-    // Aborting and awaiting the accept tasks drops (closes) the listeners before we
-    // start waiting, so new connections are refused rather than queued.
+    // Aborting and awaiting the accept tasks drops (closes) our copies of the
+    // listeners; under a supervisor that holds the sockets, connections still
+    // queued wait for the next worker.
     for task in &accepts {
         task.abort();
     }
     for task in accepts {
         let _ = task.await;
     }
-    match Arc::try_unwrap(graceful) {
-        Ok(graceful) => graceful.shutdown().await,
-        // Unreachable: the accept tasks held the only other references and are gone.
-        Err(_) => warn!("sup-demo: graceful shutdown unavailable, exiting without draining"),
-    }
+    let _ = stop_tx.send(true);
+    // Returns None once every connection task has ended.
+    let _ = alive_rx.recv().await;
 }
 
-async fn accept_loop(listener: Listener, shared: Arc<Shared>, graceful: Arc<GracefulShutdown>) {
+async fn accept_loop(listener: Listener, shared: Arc<Shared>, drain: Drain) {
     loop {
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().await.map(|(s, _)| {
                 // Small keep-alive request/response pairs: do not wait on Nagle.
                 let _ = s.set_nodelay(true);
-                serve_conn(s, &shared, &graceful);
+                serve_conn(s, &shared, &drain);
             }),
-            Listener::Unix(l) => l.accept().await.map(|(s, _)| serve_conn(s, &shared, &graceful)),
+            Listener::Unix(l) => l.accept().await.map(|(s, _)| serve_conn(s, &shared, &drain)),
         };
         if let Err(e) = accepted {
             // Typically EMFILE/ENFILE: back off instead of spinning on the error.
@@ -79,17 +88,39 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, graceful: Arc<Grac
     }
 }
 
-fn serve_conn<S>(stream: S, shared: &Arc<Shared>, graceful: &GracefulShutdown)
+/// How long a connection accepted just before shutdown has to send its first request.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
+fn serve_conn<S>(stream: S, shared: &Arc<Shared>, drain: &Drain)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = shared.clone();
-    let svc = service_fn(move |req| handle(req, shared.clone()));
+    let served = Arc::new(AtomicBool::new(false));
+    let seen = served.clone();
+    let svc = service_fn(move |req| {
+        seen.store(true, Ordering::SeqCst);
+        handle(req, shared.clone())
+    });
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
-    let conn = graceful.watch(conn);
+    let mut drain = drain.clone();
     tokio::spawn(async move {
-        // Errors here are clients hanging up mid-request; nothing to report.
-        let _ = conn.await;
+        let mut conn = std::pin::pin!(conn);
+        // Errors are clients hanging up mid-request; nothing to report.
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = drain.stop.wait_for(|s| *s) => {}
+        }
+        if served.load(Ordering::SeqCst) {
+            // Idle keep-alive connections close now; a request in flight finishes
+            // and its response says `Connection: close`.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        } else {
+            // Accepted but no request read yet: the client is about to send one
+            // and expects an answer, which will say `Connection: close`.
+            let _ = tokio::time::timeout(FIRST_REQUEST_GRACE, conn.as_mut()).await;
+        }
     });
 }
 

@@ -135,6 +135,106 @@ pub struct ActionRequest {
     /// Act on every app.
     #[serde(default)]
     pub all: bool,
+    /// When another operation runs on the app, wait for it instead of answering "busy".
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// Body of `POST /v1/scale`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRequest {
+    /// The app.
+    pub app: String,
+    /// The new number of instances (at least 1).
+    pub instances: u32,
+    /// Wait for a running operation instead of answering "busy".
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// One line of the newline-delimited JSON stream of a rollout (`reload`, `scale`, `config apply`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum RolloutEvent {
+    /// A rollout of an app begins.
+    Started {
+        /// The app.
+        app: String,
+        /// What kind of rollout ("reload", "scale", "config").
+        kind: String,
+        /// Slots it will touch.
+        slots: Vec<u32>,
+        /// Configuration version before.
+        from_version: u64,
+        /// Configuration version after.
+        to_version: u64,
+    },
+    /// A slot's new worker is ready and its old one has drained.
+    SlotReplaced {
+        /// The app.
+        app: String,
+        /// The slot.
+        slot: u32,
+        /// The replaced worker, if one ran.
+        old_pid: Option<u32>,
+        /// The new worker.
+        new_pid: u32,
+        /// Milliseconds from spawn to ready.
+        ready_ms: u64,
+        /// Milliseconds from the new worker's spawn until the old one had exited.
+        total_ms: u64,
+    },
+    /// A slot was added (scale up) and its worker is ready.
+    SlotAdded {
+        /// The app.
+        app: String,
+        /// The slot.
+        slot: u32,
+        /// Its worker.
+        pid: u32,
+        /// Milliseconds from spawn to ready.
+        ready_ms: u64,
+    },
+    /// A slot was removed (scale down) after its worker drained.
+    SlotRemoved {
+        /// The app.
+        app: String,
+        /// The slot.
+        slot: u32,
+    },
+    /// A slot's new worker failed; the rollout stops.
+    SlotFailed {
+        /// The app.
+        app: String,
+        /// The slot.
+        slot: u32,
+        /// Why, with the failed worker's last output lines.
+        message: String,
+    },
+    /// Slots already replaced go back to the previous version.
+    RollingBack {
+        /// The app.
+        app: String,
+        /// The slots being put back.
+        slots: Vec<u32>,
+    },
+    /// A slot is back on the previous version (or could not be put back).
+    SlotRolledBack {
+        /// The app.
+        app: String,
+        /// The slot.
+        slot: u32,
+        /// Whether it worked.
+        ok: bool,
+        /// Its worker after the rollback, or what went wrong.
+        message: String,
+    },
+    /// The last line: one result per app.
+    Done {
+        /// Per-app results.
+        results: Vec<AppResult>,
+    },
 }
 
 /// Answer to an action: one result per app touched.
@@ -226,6 +326,9 @@ mod tests {
     #[test]
     fn action_request_refuses_unknown_fields() {
         let err = serde_json::from_str::<ActionRequest>(r#"{"ap":"web"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `ap`"), "{err}");
+        let line = serde_json::to_string(&RolloutEvent::SlotRemoved { app: "web".into(), slot: 3 }).unwrap();
+        assert_eq!(line, r#"{"event":"slot_removed","app":"web","slot":3}"#);
         assert!(err.to_string().contains("unknown field `ap`"), "{err}");
     }
 }

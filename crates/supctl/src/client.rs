@@ -88,31 +88,69 @@ impl Client {
         self.call(Method::POST, path, Bytes::from(body))
     }
 
+    /// `POST path` answered by newline-delimited JSON; `on_line` sees each value as it arrives.
+    pub fn stream<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        mut on_line: impl FnMut(T),
+    ) -> Result<(), ClientError> {
+        let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.rt.block_on(async {
+            let resp = self.send(Method::POST, path, Bytes::from(body)).await?;
+            let broken = |e: hyper::Error| ClientError::Protocol(format!("control connection failed: {e}"));
+            let mut body = resp.into_body();
+            let mut pending: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(broken)?;
+                let Some(data) = frame.data_ref() else { continue };
+                pending.extend_from_slice(data);
+                while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=pos).collect();
+                    let value = serde_json::from_slice(&line)
+                        .map_err(|e| ClientError::Protocol(format!("cannot decode supd's progress: {e}")))?;
+                    on_line(value);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError> {
+        let stream =
+            UnixStream::connect(&self.socket).await.map_err(|e| ClientError::Unreachable(self.socket.clone(), e))?;
+        let broken = |e: hyper::Error| ClientError::Protocol(format!("control connection failed: {e}"));
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(broken)?;
+        tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "supd")
+            .header("content-type", "application/json")
+            .body(Full::new(body))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let resp = sender.send_request(req).await.map_err(broken)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await.map_err(broken)?.to_bytes();
+        Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(e) => ClientError::Api { code: e.error.code, message: e.error.message },
+            Err(_) => ClientError::Protocol(format!("supd answered {status}")),
+        })
+    }
+
     fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Bytes) -> Result<T, ClientError> {
         self.rt.block_on(async {
-            let stream = UnixStream::connect(&self.socket)
-                .await
-                .map_err(|e| ClientError::Unreachable(self.socket.clone(), e))?;
+            let resp = self.send(method, path, body).await?;
             let broken = |e: hyper::Error| ClientError::Protocol(format!("control connection failed: {e}"));
-            let (mut sender, conn) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(broken)?;
-            tokio::spawn(conn);
-            let req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header("host", "supd")
-                .header("content-type", "application/json")
-                .body(Full::new(body))
-                .map_err(|e| ClientError::Protocol(e.to_string()))?;
-            let resp = sender.send_request(req).await.map_err(broken)?;
-            let status = resp.status();
             let bytes = resp.into_body().collect().await.map_err(broken)?.to_bytes();
-            if !status.is_success() {
-                return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                    Ok(e) => ClientError::Api { code: e.error.code, message: e.error.message },
-                    Err(_) => ClientError::Protocol(format!("supd answered {status}")),
-                });
-            }
             serde_json::from_slice(&bytes)
                 .map_err(|e| ClientError::Protocol(format!("cannot decode supd's answer: {e}")))
         })

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use sup_proto::{exit, ActionRequest, ActionResponse, StatusResponse};
+use sup_proto::{exit, ActionRequest, ActionResponse, RolloutEvent, ScaleRequest, StatusResponse};
 
 use crate::client::{Client, ClientError};
 
@@ -44,19 +44,34 @@ enum Command {
     Stop(Target),
     /// Stop then start an app (use reload for zero downtime).
     Restart(Target),
+    /// Zero-downtime rolling reload: re-read the app's configuration, start a new worker per slot, wait until it is ready, then drain the old one. Rolls back and exits 1 if a new worker fails.
+    Reload(Target),
+    /// Change the number of instances of an app, without dropping requests.
+    Scale {
+        /// The app.
+        app: String,
+        /// The new number of instances.
+        instances: u32,
+        /// Wait for an operation in progress instead of failing with "busy".
+        #[arg(long)]
+        wait: bool,
+    },
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
 }
 
 #[derive(Debug, Args)]
-#[group(required = true, multiple = false)]
 struct Target {
     /// The app.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
     app: Option<String>,
     /// Every app.
     #[arg(long)]
     all: bool,
+    /// Wait for an operation in progress instead of failing with "busy".
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +81,8 @@ enum ConfigCommand {
         /// The file (default: --config, SUPD_CONFIG, else ./supervisor.toml).
         file: Option<PathBuf>,
     },
+    /// Make supd re-read its configuration file and apply the difference: new apps start, removed apps stop, changed apps roll. An invalid file changes nothing (exit 1).
+    Apply,
 }
 
 fn main() -> ExitCode {
@@ -115,18 +132,35 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         Command::Start(t) => action(&client, "start", t),
         Command::Stop(t) => action(&client, "stop", t),
         Command::Restart(t) => action(&client, "restart", t),
-        Command::Config(_) => Ok(exit::USAGE),
+        Command::Reload(t) => rollout(&client, "/v1/reload", &ActionRequest { app: t.app, all: t.all, wait: t.wait }),
+        Command::Scale { app, instances, wait } => {
+            rollout(&client, "/v1/scale", &ScaleRequest { app, instances, wait })
+        }
+        Command::Config(ConfigCommand::Apply) => rollout(&client, "/v1/config/apply", &serde_json::json!({})),
+        Command::Config(ConfigCommand::Check { .. }) => Ok(exit::USAGE),
     }
 }
 
 fn action(client: &Client, verb: &str, t: Target) -> Result<i32, ClientError> {
-    let req = ActionRequest { app: t.app, all: t.all };
+    let req = ActionRequest { app: t.app, all: t.all, wait: t.wait };
     let resp: ActionResponse = client.post(&format!("/v1/{verb}"), &req)?;
     for r in &resp.results {
         let mark = if r.ok { "ok" } else { "FAILED" };
         println!("{}: {mark}: {}", r.app, r.message);
     }
     Ok(if resp.all_ok() { exit::OK } else { exit::FAILED })
+}
+
+/// Streams a rollout's progress, one line per event, and ends with a summary.
+fn rollout<B: serde::Serialize>(client: &Client, path: &str, body: &B) -> Result<i32, ClientError> {
+    let mut code = exit::FAILED;
+    client.stream(path, body, |ev: RolloutEvent| {
+        if let RolloutEvent::Done { results } = &ev {
+            code = if results.iter().all(|r| r.ok) { exit::OK } else { exit::FAILED };
+        }
+        output::print_event(&ev);
+    })?;
+    Ok(code)
 }
 
 /// `--socket`, else `SUPD_SOCKET` (both via clap), else the config's, else the default.

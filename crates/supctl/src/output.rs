@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use sup_proto::StatusResponse;
+use sup_proto::{RolloutEvent, StatusResponse};
 
 /// Prints JSON; a closed pipe (`| head`) is not an error.
 pub fn print_json<T: serde::Serialize>(v: &T) {
@@ -59,6 +59,40 @@ pub fn uptime(ms: u64) -> String {
     } else {
         format!("{sec}s")
     }
+}
+
+/// Prints one rollout event as a line for humans.
+pub fn print_event(ev: &RolloutEvent) {
+    let line = match ev {
+        RolloutEvent::Started { app, kind, slots, from_version, to_version } => {
+            if from_version == to_version {
+                format!("{app}: {kind} of slots {slots:?}")
+            } else {
+                format!("{app}: {kind} of {} slot(s), version {from_version} -> {to_version}", slots.len())
+            }
+        }
+        RolloutEvent::SlotReplaced { app, slot, old_pid, new_pid, ready_ms, total_ms } => {
+            let old = old_pid.map_or("-".to_string(), |p| p.to_string());
+            format!("{app}[{slot}]: started pid {new_pid}, ready after {ready_ms} ms, old pid {old} drained ({total_ms} ms)")
+        }
+        RolloutEvent::SlotAdded { app, slot, pid, ready_ms } => {
+            format!("{app}[{slot}]: added, pid {pid} ready after {ready_ms} ms")
+        }
+        RolloutEvent::SlotRemoved { app, slot } => format!("{app}[{slot}]: drained and removed"),
+        RolloutEvent::SlotFailed { app, slot, message } => format!("{app}[{slot}]: FAILED: {message}"),
+        RolloutEvent::RollingBack { app, slots } => format!("{app}: rolling back slots {slots:?}"),
+        RolloutEvent::SlotRolledBack { app, slot, ok, message } => {
+            format!("{app}[{slot}]: {}{message}", if *ok { "" } else { "rollback FAILED: " })
+        }
+        RolloutEvent::Done { results } => results
+            .iter()
+            .map(|r| format!("{}: {}: {}", r.app, if r.ok { "ok" } else { "FAILED" }, r.message))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    };
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 #[cfg(test)]

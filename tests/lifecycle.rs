@@ -339,3 +339,22 @@ fn workers_run_as_the_configured_user() {
     assert!(uid_line.split_whitespace().skip(1).all(|u| u == "65534"), "{uid_line}");
     assert_eq!(http_get(port, "/health").expect("answers").0, 200);
 }
+
+#[test]
+fn http_and_tcp_probes_gate_readiness() {
+    let (p1, p2, p3) = (free_port(), free_port(), free_port());
+    let d = Daemon::start(&format!(
+        "[apps.http]\ncommand = [\"{demo}\", \"--never-ready\", \"--start-delay\", \"300ms\"]\nport = {p1}\nready = {{ http = \"/health\" }}\n\n\
+         [apps.tcp]\ncommand = [\"{demo}\", \"--never-ready\"]\nport = {p2}\nready = {{ tcp = true }}\n\n\
+         [apps.silent]\ncommand = [\"sleep\", \"1000\"]\nport = {p3}\nready = {{ tcp = true }}\nready_timeout = \"1s\"\nrestart = \"never\"\n",
+        demo = demo()
+    ));
+    // sup-demo's --never-ready only withholds READY=1: the probes see it serve.
+    d.wait_ready("http", 1);
+    d.wait_ready("tcp", 1);
+    let silent = wait_until("the silent worker to fail its probe", DEADLINE, || {
+        let i = d.instances("silent");
+        (i[0].state == WorkerState::Errored).then(|| i[0].clone())
+    });
+    assert!(silent.reason.contains("not ready within 1s"), "{}", silent.reason);
+}

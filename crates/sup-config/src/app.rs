@@ -161,6 +161,19 @@ impl RawApp {
 
         let backoff = self.backoff.unwrap_or_default().build(src, &name)?;
 
+        let ready = match self.ready {
+            None => ReadyCheck::default(),
+            Some(r) => {
+                let probe = matches!(r.get_ref(), ReadyCheck::Http { .. } | ReadyCheck::Tcp);
+                if probe && self.port.is_none() {
+                    // Through shared `listen` sockets a probe would reach any worker, not the new one.
+                    let msg = "a readiness probe connects to 127.0.0.1:`port`, the worker's own port: set `port`, or use ready = \"notify\" with `listen`";
+                    return Err(src.error(r.span(), key("ready"), msg.to_string()));
+                }
+                r.into_inner()
+            }
+        };
+
         Ok(AppConfig {
             command: self.command.0,
             cwd: self.cwd.map_or_else(|| base.to_path_buf(), |c| resolve(base, &c)),
@@ -171,7 +184,7 @@ impl RawApp {
             listen: self.listen.into_iter().map(|l| l.resolve(base)).collect(),
             listen_backlog: self.listen_backlog.unwrap_or(1024),
             port: self.port,
-            ready: self.ready.unwrap_or_default(),
+            ready,
             ready_timeout: self.ready_timeout.map_or(Duration::from_secs(30), |d| d.0),
             stop_signal: self.stop_signal.map_or(Signal::SIGTERM, |s| s.0),
             stop_timeout: self.stop_timeout.map_or(Duration::from_secs(10), |d| d.0),
@@ -263,6 +276,10 @@ mod tests {
                 "/x/sup.toml:3:23: key `apps.web.stop_exit_codes[1]`: invalid type: string \"1\", expected i32",
             ),
             ("frobnicate = 1", "/x/sup.toml:3:1: key `apps.web.frobnicate`: unknown key"),
+            (
+                "ready = { tcp = true }",
+                "/x/sup.toml:3:9: key `apps.web.ready`: a readiness probe connects to 127.0.0.1:`port`, the worker's own port: set `port`, or use ready = \"notify\" with `listen`",
+            ),
         ];
         for (line, want) in cases {
             assert_eq!(app_err(line), *want, "{line}");

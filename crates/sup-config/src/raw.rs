@@ -61,7 +61,7 @@ pub(crate) struct RawApp {
     pub listen: Vec<ListenAddr>,
     pub listen_backlog: Option<u32>,
     pub port: Option<u16>,
-    pub ready: Option<ReadyCheck>,
+    pub ready: Option<Spanned<ReadyCheck>>,
     pub ready_timeout: Option<DurationValue>,
     pub stop_signal: Option<SignalValue>,
     pub stop_timeout: Option<DurationValue>,

@@ -100,9 +100,26 @@ pub struct Access {
 }
 
 impl Access {
-    fn allows(&self, uid: u32, gid: u32) -> bool {
-        uid == 0 || uid == self.owner || self.group == Some(gid)
+    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+        if uid == 0 || uid == self.owner {
+            return true;
+        }
+        let Some(group) = self.group else { return false };
+        // SO_PEERCRED carries only the primary group; members through a
+        // supplementary group are found in the peer's /proc status.
+        gid == group || pid.is_some_and(|p| supplementary_groups(p).contains(&group))
     }
+}
+
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        })
+        .unwrap_or_default()
 }
 
 /// Serves the control API until the listener fails.
@@ -123,7 +140,7 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access)
             }
         };
         let peer = stream.peer_cred().ok();
-        let allowed = peer.is_some_and(|c| access.allows(c.uid(), c.gid()));
+        let allowed = peer.is_some_and(|c| access.allows(c.uid(), c.gid(), c.pid()));
         let peer_uid = peer.map(|c| c.uid());
         let sup = sup.clone();
         tokio::spawn(async move {

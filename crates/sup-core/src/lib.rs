@@ -24,6 +24,7 @@ pub mod control;
 pub mod listeners;
 pub mod logs;
 pub mod notify;
+pub mod probe;
 pub mod reaper;
 pub mod slot;
 pub mod spawner;

@@ -472,6 +472,8 @@ impl SlotTask {
     }
 
     async fn on_current_exit(&mut self, info: ExitInfo, failure: Option<String>) {
+        // STATUS= text belongs to the worker that sent it.
+        self.status_text = None;
         let old = std::mem::replace(&mut self.state, State::Stopped { reason: String::new() });
         let (worker, was_stopping) = match old {
             State::Stopping { worker } => (worker, true),
@@ -561,6 +563,7 @@ impl SlotTask {
 
     /// Spawns the slot's worker from the current spec.
     async fn spawn_current(&mut self, reason: &str) {
+        self.status_text = None;
         match worker::start(&self.ctx, self.spec.clone(), self.slot, self.fds.raw(), self.events_tx.clone()).await {
             Ok(worker) => self.set_state(State::Starting { worker }, reason),
             Err(e) => {

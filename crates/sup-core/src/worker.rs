@@ -160,6 +160,7 @@ pub async fn start(
         id,
         pid: spawned.pid,
         ready_check: cfg.ready.clone(),
+        port: cfg.port,
         ready_timeout: cfg.ready_timeout,
         stop_signal: cfg.stop_signal,
         stop_timeout: cfg.stop_timeout,
@@ -223,6 +224,7 @@ struct Watch {
     id: u64,
     pid: i32,
     ready_check: ReadyCheck,
+    port: Option<u16>,
     ready_timeout: Duration,
     stop_signal: Signal,
     stop_timeout: Duration,
@@ -251,6 +253,13 @@ impl Watch {
             }
             _ => ready_deadline = Some(tokio::time::Instant::now() + self.ready_timeout),
         }
+        // Probes run in a task of their own so a slow attempt never holds up this loop.
+        let mut probe = match (&self.ready_check, self.port) {
+            (ReadyCheck::Http { .. } | ReadyCheck::Tcp, Some(port)) => {
+                Some(tokio::spawn(crate::probe::until_ready(self.ready_check.clone(), port)))
+            }
+            _ => None,
+        };
         let mut kill_deadline: Option<tokio::time::Instant> = None;
         let mut failure: Option<String> = None;
         let mut notify_ok = true;
@@ -258,6 +267,12 @@ impl Watch {
         let info = loop {
             tokio::select! {
                 r = &mut exit => break r.unwrap_or(ExitInfo::Signal(libc::SIGKILL)),
+                _ = async { if let Some(p) = probe.as_mut() { let _ = p.await; } }, if probe.is_some() && !ready => {
+                    probe = None;
+                    ready = true;
+                    ready_deadline = None;
+                    self.send(WorkerEventKind::Ready);
+                }
                 msgs = notify.recv(), if notify_ok => match msgs {
                     Ok(msgs) => for m in msgs {
                         match m {
@@ -305,6 +320,9 @@ impl Watch {
                 }
             }
         };
+        if let Some(p) = probe {
+            p.abort();
+        }
         // The main process is gone; whatever it left in its group goes with it.
         kill_group(self.pid, libc::SIGKILL);
         if !ready {

@@ -103,7 +103,7 @@ pub struct InstanceStatus {
     pub pid: Option<u32>,
     /// Slot state.
     pub state: WorkerState,
-    /// Restarts of this slot since supd started (or since the last manual start).
+    /// Restarts and replacements of this slot since supd started (crash, reload, restart, memory, watchdog).
     pub restarts: u32,
     /// Milliseconds since the current worker was spawned.
     pub uptime_ms: Option<u64>,

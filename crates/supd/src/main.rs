@@ -87,9 +87,17 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     let server = tokio::spawn(control::serve(sup.clone(), listener, access));
     tracing::info!(socket = %sc.control_socket.display(), "supd {} running {} apps", env!("CARGO_PKG_VERSION"), sup.apps().len());
 
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: stopping all apps"),
-        _ = int.recv() => tracing::info!("SIGINT: stopping all apps"),
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping all apps"); break }
+            _ = int.recv() => { tracing::info!("SIGINT: stopping all apps"); break }
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: applying {}", sup.config_path().display());
+                let sup = sup.clone();
+                tokio::spawn(async move { apply_config(&sup).await });
+            }
+        }
     }
     let stopping = Arc::clone(&sup);
     let graceful = tokio::spawn(async move { stopping.shutdown().await });
@@ -107,6 +115,29 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     kill_leftover_children();
     tracing::info!("all workers stopped; exiting");
     Ok(())
+}
+
+/// `supctl config apply`, on SIGHUP: progress and outcome go to the log.
+async fn apply_config(sup: &Supervisor) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let log = tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            tracing::info!("config apply: {ev:?}");
+        }
+    });
+    match sup.apply(tx).await {
+        Ok(r) => {
+            for res in r.results {
+                if res.ok {
+                    tracing::info!(app = %res.app, "config apply: {}", res.message);
+                } else {
+                    tracing::warn!(app = %res.app, "config apply failed: {}", res.message);
+                }
+            }
+        }
+        Err(e) => tracing::error!("config apply: {e}"),
+    }
+    let _ = log.await;
 }
 
 /// SIGKILLs any descendant that escaped its process group and was re-parented to us.

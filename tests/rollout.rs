@@ -219,3 +219,43 @@ fn config_apply_adds_removes_and_rolls_and_refuses_invalid_files() {
     let stats = load.finish();
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
 }
+
+#[test]
+fn an_address_taken_by_another_program_is_a_clear_startup_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("supervisor.toml");
+    std::fs::write(&config, format!("[supervisor]\nrun_dir = \"run\"\nlog_dir = \"logs\"\n\n{}", good(port)))
+        .expect("write");
+    let out = std::process::Command::new(bin("supd")).arg("--config").arg(&config).output().expect("supd");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot listen on `127.0.0.1:{port}` for app `web`: the address is already in use by another program"
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("run/control.sock").exists(), "no control socket left behind");
+}
+
+#[test]
+fn a_stopped_app_refuses_connections_and_serves_again_after_start() {
+    let port = free_port();
+    let d = Daemon::start(&good(port));
+    d.wait_ready("web", 4);
+    ok(&d.supctl(&["stop", "web"]));
+    let err = std::net::TcpStream::connect(("127.0.0.1", port)).expect_err("nothing listens once stopped");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused);
+    ok(&d.supctl(&["start", "web"]));
+    d.wait_ready("web", 4);
+    assert_eq!(http_get(port, "/").expect("serves again").0, 200);
+    // restart keeps the sockets: requests made meanwhile wait instead of failing.
+    let load = Load::start(port, &[Mode::NewConnection], 2);
+    load.wait_for(100);
+    ok(&d.supctl(&["restart", "web"]));
+    load.wait_for(100);
+    let stats = load.finish();
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+}

@@ -97,8 +97,8 @@ mod tests {
             ("ready = \"none\"", ReadyCheck::None),
             ("ready = \"notify\"", ReadyCheck::Notify),
             ("ready = \"pm2\"", ReadyCheck::Pm2),
-            ("ready = { http = \"/health\" }", ReadyCheck::Http { path: "/health".to_string() }),
-            ("ready = { tcp = true }", ReadyCheck::Tcp),
+            ("port = 80\nready = { http = \"/health\" }", ReadyCheck::Http { path: "/health".to_string() }),
+            ("port = 80\nready = { tcp = true }", ReadyCheck::Tcp),
         ];
         for (line, want) in ok {
             assert_eq!(parse_app(line).ready, *want, "{line}");

@@ -136,7 +136,8 @@ impl App {
     pub async fn restart(self: &Arc<Self>, wait: bool) -> AppResult {
         self.run_op("restart", wait, |app| async move {
             let slots = app.slots();
-            let stops: Vec<_> = slots.iter().map(|s| s.stop()).collect();
+            // Sockets stay open: clients wait for the new workers instead of being refused.
+            let stops: Vec<_> = slots.iter().map(|s| s.stop_with(true)).collect();
             for fut in stops {
                 fut.await;
             }
@@ -224,7 +225,9 @@ impl App {
         // Every slot that now runs (or tries to run) the new version goes back.
         let touched: Vec<_> = slots.iter().filter(|s| s.view.borrow().version == new.version).cloned().collect();
         let ids: Vec<u32> = touched.iter().map(|s| s.slot).collect();
-        let _ = progress.send(RolloutEvent::RollingBack { app: self.name.clone(), slots: ids.clone() });
+        if !ids.is_empty() {
+            let _ = progress.send(RolloutEvent::RollingBack { app: self.name.clone(), slots: ids.clone() });
+        }
         let pending: Vec<_> = touched.iter().map(|s| (s.slot, s.replace(old.clone(), reason))).collect();
         let mut back_failures = Vec::new();
         for (s, fut) in pending {

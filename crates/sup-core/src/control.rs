@@ -290,19 +290,11 @@ where
     let mut op = tokio::spawn(f(ev_tx));
     let first = tokio::select! {
         ev = ev_rx.recv() => ev,
-        res = &mut op => match res {
-            Ok(Err(e)) => return api_error(e),
-            Ok(Ok(r)) => {
-                let mut lines = Vec::new();
-                while let Ok(ev) = ev_rx.try_recv() {
-                    lines.extend_from_slice(&ndjson(&ev));
-                }
-                lines.extend_from_slice(&ndjson(&RolloutEvent::Done { results: r.results }));
-                return ndjson_response(Full::new(Bytes::from(lines)).boxed());
-            }
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("rollout task failed: {e}")),
-        },
+        res = &mut op => return finished(res, &mut ev_rx),
     };
+    // The channel closes when the operation ends: it may have ended with no event.
+    let Some(first) = first else { return finished((&mut op).await, &mut ev_rx) };
+    let first = Some(first);
     let (body_tx, body_rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut next = first;
@@ -326,6 +318,25 @@ where
         let _ = body_tx.send(ndjson(&done));
     });
     ndjson_response(BoxBody::new(ChannelBody(body_rx)))
+}
+
+/// The answer for an operation that ended before streaming began.
+fn finished(
+    res: Result<Result<ActionResponse, ApiError>, tokio::task::JoinError>,
+    events: &mut mpsc::UnboundedReceiver<RolloutEvent>,
+) -> Resp {
+    match res {
+        Ok(Err(e)) => api_error(e),
+        Ok(Ok(r)) => {
+            let mut lines = Vec::new();
+            while let Ok(ev) = events.try_recv() {
+                lines.extend_from_slice(&ndjson(&ev));
+            }
+            lines.extend_from_slice(&ndjson(&RolloutEvent::Done { results: r.results }));
+            ndjson_response(Full::new(Bytes::from(lines)).boxed())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", format!("rollout task failed: {e}")),
+    }
 }
 
 fn ndjson_response(body: BoxBody<Bytes, Infallible>) -> Resp {

@@ -9,23 +9,55 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 use sup_config::{AppConfig, ListenAddr};
 
+/// A socket and its `LISTEN_FDNAMES` name.
+type Named = (Arc<OwnedFd>, String);
+
 /// The listening sockets of one slot, in `listen` order.
-#[derive(Debug, Default)]
+///
+/// Open while the slot has (or is about to have) a worker; closed when the
+/// slot is stopped or errored, so clients are refused (or, with
+/// `tcp_migrate_req`, moved to other slots) instead of waiting on a socket
+/// nobody will ever accept from.
+#[derive(Debug)]
 pub struct SlotSockets {
-    // Owns the fds `raw` refers to.
-    _socks: Vec<(Arc<OwnedFd>, String)>,
-    raw: Vec<(RawFd, String)>,
+    app: String,
+    backlog: u32,
+    // Per address: the shared Unix socket, or None for a per-slot TCP one.
+    addrs: Vec<(ListenAddr, Option<Arc<OwnedFd>>)>,
+    open: Mutex<Option<Vec<Named>>>,
 }
 
 impl SlotSockets {
-    /// Raw fds and their `LISTEN_FDNAMES` names, valid while `self` lives.
-    pub fn raw(&self) -> &[(RawFd, String)] {
-        &self.raw
+    /// The slot's sockets as raw fds with their `LISTEN_FDNAMES` names, binding them again if they were closed.
+    pub fn open(&self) -> Result<Vec<(RawFd, String)>, ListenError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.is_none() {
+            let mut socks = Vec::new();
+            for (addr, shared) in &self.addrs {
+                let fd = match (addr, shared) {
+                    (_, Some(fd)) => fd.clone(),
+                    (ListenAddr::Tcp(a), None) => {
+                        Arc::new(bind_tcp(*a, self.backlog).map_err(|e| err(&self.app, addr, e))?)
+                    }
+                    (ListenAddr::Unix(_), None) => continue,
+                };
+                socks.push((fd, self.app.clone()));
+            }
+            *open = Some(socks);
+        }
+        Ok(open.iter().flatten().map(|(fd, n)| (fd.as_raw_fd(), n.clone())).collect())
+    }
+
+    /// Closes the slot's own sockets (shared Unix sockets stay with the app).
+    pub fn close(&self) {
+        if self.open.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
+            tracing::debug!(app = %self.app, "closed a slot's listening sockets");
+        }
     }
 }
 
@@ -50,11 +82,14 @@ pub struct AppSockets {
 impl AppSockets {
     /// Binds the Unix sockets of `cfg`, shared by all of its slots.
     pub fn new(cfg: &AppConfig) -> Result<AppSockets, ListenError> {
+        if cfg.listen.iter().any(|l| matches!(l, ListenAddr::Tcp(_))) {
+            ensure_migrate_req();
+        }
         let mut unix = Vec::new();
         for addr in &cfg.listen {
             unix.push(match addr {
                 ListenAddr::Unix(path) => {
-                    Some(Arc::new(bind_unix(path, cfg.listen_backlog).map_err(|e| err(cfg, addr, e))?))
+                    Some(Arc::new(bind_unix(path, cfg.listen_backlog).map_err(|e| err(&cfg.name, addr, e))?))
                 }
                 ListenAddr::Tcp(_) => None,
             });
@@ -62,31 +97,26 @@ impl AppSockets {
         Ok(AppSockets { unix })
     }
 
-    /// Binds slot `slot`'s own TCP sockets and pairs them with the shared ones.
+    /// Binds a slot's own TCP sockets now (so start-up fails early) and pairs them with the shared ones.
     pub fn for_slot(&self, cfg: &AppConfig) -> Result<SlotSockets, ListenError> {
-        let mut socks = Vec::new();
-        for (addr, shared) in cfg.listen.iter().zip(&self.unix) {
-            let fd = match (addr, shared) {
-                (_, Some(fd)) => fd.clone(),
-                (ListenAddr::Tcp(a), None) => {
-                    Arc::new(bind_tcp(*a, cfg.listen_backlog).map_err(|e| err(cfg, addr, e))?)
-                }
-                (ListenAddr::Unix(_), None) => continue,
-            };
-            socks.push((fd, cfg.name.clone()));
-        }
-        let raw = socks.iter().map(|(fd, n)| (fd.as_raw_fd(), n.clone())).collect();
-        Ok(SlotSockets { _socks: socks, raw })
+        let sockets = SlotSockets {
+            app: cfg.name.clone(),
+            backlog: cfg.listen_backlog,
+            addrs: cfg.listen.iter().cloned().zip(self.unix.iter().cloned()).collect(),
+            open: Mutex::new(None),
+        };
+        sockets.open()?;
+        Ok(sockets)
     }
 }
 
-fn err(cfg: &AppConfig, addr: &ListenAddr, e: std::io::Error) -> ListenError {
+fn err(app: &str, addr: &ListenAddr, e: std::io::Error) -> ListenError {
     let reason = if e.kind() == std::io::ErrorKind::AddrInUse {
         "the address is already in use by another program".to_string()
     } else {
         e.to_string()
     };
-    ListenError { app: cfg.name.clone(), addr: addr.to_string(), reason }
+    ListenError { app: app.to_string(), addr: addr.to_string(), reason }
 }
 
 fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<OwnedFd> {
@@ -123,11 +153,16 @@ fn bind_unix(path: &Path, backlog: u32) -> std::io::Result<OwnedFd> {
 
 const MIGRATE_REQ: &str = "/proc/sys/net/ipv4/tcp_migrate_req";
 
-/// Makes sure `net.ipv4.tcp_migrate_req` is on, so that closing a slot's socket
+/// Makes sure (once per supd) `net.ipv4.tcp_migrate_req` is on, so that closing a slot's socket
 /// (scale-down) moves the connections queued in it to the remaining slots
 /// instead of resetting them. Kernels before 5.14 lack it; there, such
 /// connections are reset, as documented.
 pub fn ensure_migrate_req() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(set_migrate_req);
+}
+
+fn set_migrate_req() {
     match std::fs::read_to_string(MIGRATE_REQ) {
         Err(_) => tracing::warn!(
             "this kernel has no net.ipv4.tcp_migrate_req: scaling down may reset connections queued in removed slots"

@@ -1,4 +1,9 @@
 //! HTTP and TCP readiness probes against a worker's own port.
+//!
+//! During a reload the old worker may still answer on the same port, so a
+//! probe first checks that the *new* worker (or one of its children) holds a
+//! listening socket on the port, read from /proc; only then is the port
+//! connected to. The HTTP answer itself may come from either worker.
 
 use std::time::Duration;
 
@@ -11,14 +16,49 @@ const INTERVAL: Duration = Duration::from_millis(100);
 /// Longest a single attempt may take.
 const ATTEMPT: Duration = Duration::from_secs(1);
 
-/// Probes 127.0.0.1:`port` until it answers as `check` requires; never returns otherwise.
-pub async fn until_ready(check: ReadyCheck, port: u16) {
+/// Probes until worker `pid` listens on `port` and the port answers as `check` requires.
+pub async fn until_ready(check: ReadyCheck, port: u16, pid: i32) {
     loop {
-        if tokio::time::timeout(ATTEMPT, once(&check, port)).await.unwrap_or(false) {
+        if listens_on(pid, port) && tokio::time::timeout(ATTEMPT, once(&check, port)).await.unwrap_or(false) {
             return;
         }
         tokio::time::sleep(INTERVAL).await;
     }
+}
+
+/// True when `pid` or one of its children holds a TCP socket listening on `port`.
+pub fn listens_on(pid: i32, port: u16) -> bool {
+    let mut pids = vec![pid];
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+                pids.extend(c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    let mut inodes = std::collections::HashSet::new();
+    for p in &pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(inode) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+                    inodes.insert(inode.to_string());
+                }
+            }
+        }
+    }
+    ["tcp", "tcp6"].iter().any(|table| {
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { return false };
+        text.lines().skip(1).any(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address is ADDR:PORT in hex; state 0A is LISTEN; column 9 is the inode.
+            cols.len() > 9
+                && cols[3] == "0A"
+                && cols[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) == Some(port)
+                && inodes.contains(cols[9])
+        })
+    })
 }
 
 /// One attempt: a TCP connect, or `GET path` answered 2xx.
@@ -67,6 +107,16 @@ mod tests {
             assert_eq!(once(&ReadyCheck::Http { path: "/health".into() }, port).await, want);
             server.await.unwrap();
         }
+    }
+
+    #[test]
+    fn ownership_of_a_listener_is_found_in_proc() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let me = std::process::id() as i32;
+        assert!(listens_on(me, port));
+        drop(l);
+        assert!(!listens_on(me, port));
     }
 
     #[tokio::test]

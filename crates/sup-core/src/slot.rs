@@ -67,7 +67,7 @@ pub type ReplaceResult = Result<Replaced, String>;
 enum SlotCmd {
     Start { spec: Arc<AppSpec>, reply: oneshot::Sender<ReplaceResult> },
     Replace { spec: Arc<AppSpec>, reason: RestartReason, reply: oneshot::Sender<ReplaceResult> },
-    Stop { reply: oneshot::Sender<()> },
+    Stop { reply: oneshot::Sender<()>, keep_sockets: bool },
     Kill,
 }
 
@@ -104,8 +104,14 @@ impl SlotHandle {
 
     /// Stops every worker of the slot gracefully; resolves when all have exited.
     pub fn stop(&self) -> impl std::future::Future<Output = ()> {
+        self.stop_with(false)
+    }
+
+    /// Stops like [`SlotHandle::stop`]; `keep_sockets` leaves the slot's
+    /// sockets open so clients wait for the next start (used by restart).
+    pub fn stop_with(&self, keep_sockets: bool) -> impl std::future::Future<Output = ()> {
         let (reply, rx) = oneshot::channel();
-        self.send(SlotCmd::Stop { reply });
+        self.send(SlotCmd::Stop { reply, keep_sockets });
         async move {
             let _ = rx.await;
         }
@@ -178,6 +184,7 @@ pub struct SlotTask {
     drain_wait: Option<DrainWait>,
     start_waiters: Vec<oneshot::Sender<ReplaceResult>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
+    keep_sockets: bool,
     restarts: u32,
     attempt: u32,
     crashes: VecDeque<Instant>,
@@ -216,6 +223,7 @@ pub fn spawn_slot(slot: u32, ctx: Arc<WorkerCtx>, spec: Arc<AppSpec>, fds: Arc<S
         drain_wait: None,
         start_waiters: Vec::new(),
         stop_waiters: Vec::new(),
+        keep_sockets: false,
         restarts: 0,
         attempt: 0,
         crashes: VecDeque::new(),
@@ -268,6 +276,10 @@ impl SlotTask {
         let from = self.view.borrow().state;
         let to = state.kind();
         self.state = state;
+        if matches!(to, WorkerState::Errored) || (matches!(to, WorkerState::Stopped) && !self.keep_sockets) {
+            // Nobody will accept here: refuse (or migrate) rather than let clients wait.
+            self.fds.close();
+        }
         let pid = self.state.worker().map(|w| w.pid);
         tracing::info!(app = self.app(), slot = self.slot, pid, "{} -> {}: {reason}", from.as_str(), to.as_str());
         self.publish(reason);
@@ -311,7 +323,8 @@ impl SlotTask {
                 }
             },
             SlotCmd::Replace { spec, reason, reply } => self.replace(spec, reason, reply).await,
-            SlotCmd::Stop { reply } => {
+            SlotCmd::Stop { reply, keep_sockets } => {
+                self.keep_sockets = keep_sockets;
                 self.stop_waiters.push(reply);
                 if let Some(next) = self.next.take() {
                     next.worker.kill();
@@ -368,7 +381,14 @@ impl SlotTask {
             self.spawn_current(&format!("{} requested", reason_word(reason))).await;
             return;
         }
-        match worker::start(&self.ctx, spec, self.slot, self.fds.raw(), self.events_tx.clone()).await {
+        let fds = match self.fds.open() {
+            Ok(fds) => fds,
+            Err(e) => {
+                let _ = reply.send(Err(e.to_string()));
+                return;
+            }
+        };
+        match worker::start(&self.ctx, spec, self.slot, &fds, self.events_tx.clone()).await {
             Ok(worker) => {
                 tracing::info!(
                     app = self.app(),
@@ -564,7 +584,12 @@ impl SlotTask {
     /// Spawns the slot's worker from the current spec.
     async fn spawn_current(&mut self, reason: &str) {
         self.status_text = None;
-        match worker::start(&self.ctx, self.spec.clone(), self.slot, self.fds.raw(), self.events_tx.clone()).await {
+        self.keep_sockets = false;
+        let started = match self.fds.open() {
+            Ok(fds) => worker::start(&self.ctx, self.spec.clone(), self.slot, &fds, self.events_tx.clone()).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match started {
             Ok(worker) => self.set_state(State::Starting { worker }, reason),
             Err(e) => {
                 let what = format!("cannot start: {e}");
@@ -590,7 +615,11 @@ impl SlotTask {
 }
 
 fn failure_message(pid: i32, what: &str, tail: &[String]) -> String {
-    let mut msg = format!("worker {pid} {what} before becoming ready");
+    let mut msg = if what.starts_with("not ready") {
+        format!("worker {pid} was {what}")
+    } else {
+        format!("worker {pid} {what} before becoming ready")
+    };
     if !tail.is_empty() {
         msg.push_str("; last output:");
         for line in tail.iter().rev().take(10).collect::<Vec<_>>().into_iter().rev() {

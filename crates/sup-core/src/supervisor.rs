@@ -91,9 +91,6 @@ impl Supervisor {
         let spawner = Spawner::start(reaper).map_err(|e| StartError::Setup(format!("cannot start spawner: {e}")))?;
         let base_env: Arc<Vec<(String, String)>> =
             Arc::new(std::env::vars().filter(|(k, _)| !OWN_VARS.contains(&k.as_str())).collect());
-        if config.apps.iter().any(|a| a.listen.iter().any(|l| matches!(l, sup_config::ListenAddr::Tcp(_)))) {
-            crate::listeners::ensure_migrate_req();
-        }
         let shared = Shared { spawner, base_env, notify_dir, log_dir: sc.log_dir.clone() };
         let mut apps = Vec::new();
         for cfg in &config.apps {

@@ -256,7 +256,7 @@ impl Watch {
         // Probes run in a task of their own so a slow attempt never holds up this loop.
         let mut probe = match (&self.ready_check, self.port) {
             (ReadyCheck::Http { .. } | ReadyCheck::Tcp, Some(port)) => {
-                Some(tokio::spawn(crate::probe::until_ready(self.ready_check.clone(), port)))
+                Some(tokio::spawn(crate::probe::until_ready(self.ready_check.clone(), port, self.pid)))
             }
             _ => None,
         };

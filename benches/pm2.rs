@@ -1,0 +1,182 @@
+//! sup beside PM2 on the same Node app (`benches/app/server.js`), in one run.
+//!
+//! Run: `cargo build --release --workspace --bins && cargo bench --bench pm2`
+//! (`-- --quick` for one round). PM2 is installed with npm into a temporary
+//! prefix with its own PM2_HOME; a global install is never touched. Runs
+//! alternate supd and PM2 (A/B) so drift hits both alike.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sup::*;
+
+const INSTANCES: usize = 4;
+const RELOADS: usize = 3;
+
+struct Pm2 {
+    bin: PathBuf,
+    home: PathBuf,
+}
+
+impl Pm2 {
+    fn install(dir: &Path) -> Pm2 {
+        let prefix = dir.join("pm2");
+        let status = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&prefix)
+            .arg("pm2@7")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run npm");
+        assert!(status.success(), "npm install pm2 failed");
+        Pm2 { bin: prefix.join("node_modules/.bin/pm2"), home: dir.join("pm2-home") }
+    }
+
+    fn cmd(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.bin).args(args).env("PM2_HOME", &self.home).stdin(Stdio::null()).output().expect("run pm2")
+    }
+
+    fn online(&self) -> usize {
+        let out = self.cmd(&["jlist"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().map_or(0, |a| a.iter().filter(|p| p["pm2_env"]["status"] == "online").count())
+    }
+}
+
+enum Sup<'a> {
+    Supd(Daemon),
+    Pm2(&'a Pm2),
+}
+
+fn app_js() -> String {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/app/server.js").display().to_string()
+}
+
+fn start_supd(port: u16) -> Daemon {
+    let d = Daemon::start(&format!(
+        "[apps.app]\ncommand = [\"node\", \"{}\"]\ninstances = {INSTANCES}\nready = \"notify\"\nstop_timeout = \"5s\"\nlisten = [\"127.0.0.1:{port}\"]\n",
+        app_js()
+    ));
+    d.wait_ready("app", INSTANCES);
+    d
+}
+
+fn start_pm2(pm2: &Pm2, dir: &Path, port: u16) {
+    let eco = dir.join("ecosystem.config.js");
+    std::fs::write(
+        &eco,
+        format!(
+            "module.exports = {{ apps: [{{ name: 'app', script: '{}', instances: {INSTANCES}, exec_mode: 'cluster', wait_ready: true, listen_timeout: 5000, kill_timeout: 5000, env: {{ PORT: '{port}' }} }}] }};\n",
+            app_js()
+        ),
+    )
+    .expect("write ecosystem file");
+    let out = pm2.cmd(&["start", &eco.display().to_string()]);
+    assert!(out.status.success(), "pm2 start: {}", String::from_utf8_lossy(&out.stderr));
+    wait_until("PM2 workers online", DEADLINE, || (pm2.online() == INSTANCES).then_some(()));
+    wait_until("PM2 app answering", DEADLINE, || http_get(port, "/").ok().filter(|r| r.0 == 200).map(|_| ()));
+}
+
+fn reload(sup: &Sup) -> Duration {
+    let t0 = Instant::now();
+    let out = match sup {
+        Sup::Supd(d) => d.supctl(&["reload", "app"]),
+        Sup::Pm2(p) => p.cmd(&["reload", "app"]),
+    };
+    let took = t0.elapsed();
+    assert!(out.status.success(), "reload failed: {}", String::from_utf8_lossy(&out.stdout));
+    took
+}
+
+/// One round: start, load, 3 reloads, stop. Returns (failed requests, ok requests, reload times).
+fn round(pm2: Option<&Pm2>, dir: &Path, mode: Mode) -> (u64, u64, Vec<Duration>) {
+    let port = free_port();
+    let sup = match pm2 {
+        None => Sup::Supd(start_supd(port)),
+        Some(p) => {
+            start_pm2(p, dir, port);
+            Sup::Pm2(p)
+        }
+    };
+    let load = Load::start(port, &[mode], 4);
+    load.wait_for(500);
+    let mut times = Vec::new();
+    for _ in 0..RELOADS {
+        times.push(reload(&sup));
+        load.wait_for(300);
+    }
+    let stats = load.finish();
+    if let Sup::Pm2(p) = sup {
+        let _ = p.cmd(&["delete", "all"]);
+    }
+    (stats.failed, stats.ok, times)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::MAX, f64::min);
+    let hi = v.iter().copied().fold(f64::MIN, f64::max);
+    format!("{lo:.0}–{hi:.0}")
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    if Command::new("node").arg("--version").output().is_err() {
+        println!("skipped: node is not installed");
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rounds = if quick { 1 } else { 3 };
+    let dir = tempfile::tempdir().expect("tempdir");
+    // npm may need NODE_EXTRA_CA_CERTS to reach the registry: install first.
+    let pm2 = Pm2::install(dir.path());
+    // It adds ~50 ms to every Node start: unset it for every supervisor alike.
+    // SAFETY: no other thread runs yet.
+    unsafe { std::env::remove_var("NODE_EXTRA_CA_CERTS") };
+
+    let mut rows = Vec::new();
+    for (mode, label) in [(Mode::KeepAlive, "keep-alive"), (Mode::NewConnection, "new connection per request")] {
+        let (mut fs, mut fp, mut ts, mut tp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut oks, mut okp) = (0, 0);
+        for _ in 0..rounds {
+            let (f, ok, t) = round(None, dir.path(), mode);
+            fs.push(f as f64);
+            oks += ok;
+            ts.extend(t.iter().map(|d| d.as_secs_f64() * 1000.0));
+            let (f, ok, t) = round(Some(&pm2), dir.path(), mode);
+            fp.push(f as f64);
+            okp += ok;
+            tp.extend(t.iter().map(|d| d.as_secs_f64() * 1000.0));
+        }
+        rows.push(format!(
+            "| failed requests during {RELOADS} reloads, {label} (median of {rounds} rounds; range) | {} ({}) of {oks} | {} ({}) of {okp} | {} |",
+            median(fs.clone()),
+            spread(&fs),
+            median(fp.clone()),
+            spread(&fp),
+            if median(fs.clone()) == 0.0 { "sup: none failed".to_string() } else { format!("{:.2}", median(fp.clone()) / median(fs.clone())) }
+        ));
+        rows.push(format!(
+            "| reload wall time, {INSTANCES} workers, {label} load (median ms; range) | {:.0} ({}) | {:.0} ({}) | PM2/sup = {:.1}× |",
+            median(ts.clone()),
+            spread(&ts),
+            median(tp.clone()),
+            spread(&tp),
+            median(tp.clone()) / median(ts.clone())
+        ));
+    }
+    let _ = pm2.cmd(&["kill"]);
+    println!("| figure | supd | PM2 | ratio |");
+    println!("|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+}

@@ -151,6 +151,8 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access)
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(REQUEST_TIMEOUT)
+                // A client that shuts down its sending side still gets its answer.
+                .half_close(true)
                 .max_buf_size(16 * 1024)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {

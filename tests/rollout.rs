@@ -39,6 +39,7 @@ fn ok(out: &std::process::Output) -> String {
 
 #[test]
 fn reloads_and_scaling_under_load_fail_no_request() {
+    let _serial = load_lock();
     let port = free_port();
     let d = Daemon::start(&good(port));
     let mut current = d.wait_ready("web", 4);
@@ -73,6 +74,7 @@ fn reloads_and_scaling_under_load_fail_no_request() {
 
 #[test]
 fn kill_9_under_load_fails_only_requests_in_flight_on_that_worker() {
+    let _serial = load_lock();
     let port = free_port();
     let d = Daemon::start(&good(port));
     let before = d.wait_ready("web", 4);
@@ -97,6 +99,7 @@ fn kill_9_under_load_fails_only_requests_in_flight_on_that_worker() {
 
 #[test]
 fn a_release_that_never_becomes_ready_is_rolled_back() {
+    let _serial = load_lock();
     let port = free_port();
     let d = Daemon::start(&good(port));
     let before = d.wait_ready("web", 4);
@@ -117,6 +120,7 @@ fn a_release_that_never_becomes_ready_is_rolled_back() {
 
 #[test]
 fn a_release_failing_on_slot_2_rolls_slots_0_and_1_back() {
+    let _serial = load_lock();
     let port = free_port();
     let d = Daemon::start(&good(port));
     let before = d.wait_ready("web", 4);
@@ -145,6 +149,7 @@ fn a_release_failing_on_slot_2_rolls_slots_0_and_1_back() {
 
 #[test]
 fn load_spreads_evenly_across_slots() {
+    let _serial = load_lock();
     let port = free_port();
     let d = Daemon::start(&good(port));
     let workers: HashSet<u32> = d.wait_ready("web", 4).iter().filter_map(|i| i.pid).collect();
@@ -181,6 +186,7 @@ fn a_second_rollout_is_busy_unless_it_waits() {
 
 #[test]
 fn config_apply_adds_removes_and_rolls_and_refuses_invalid_files() {
+    let _serial = load_lock();
     let port = free_port();
     let d = Daemon::start(&good(port));
     let before = d.wait_ready("web", 4);
@@ -242,6 +248,7 @@ fn an_address_taken_by_another_program_is_a_clear_startup_error() {
 
 #[test]
 fn a_stopped_app_refuses_connections_and_serves_again_after_start() {
+    let _serial = load_lock();
     let port = free_port();
     let d = Daemon::start(&good(port));
     d.wait_ready("web", 4);

@@ -257,6 +257,14 @@ pub fn describe(s: ExitStatus) -> String {
     }
 }
 
+/// Serialises the tests that generate load: on a 2-core machine, several
+/// load tests at once starve each other's clients and workers for seconds,
+/// which measures the machine, not sup.
+pub fn load_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Counts of a load run.
 #[derive(Debug, Default, Clone)]
 pub struct LoadStats {
@@ -397,7 +405,9 @@ fn request(port: u16, mode: Mode, conn: &mut Option<BufReader<TcpStream>>) -> At
     }
     let Some(reader) = conn.as_mut() else { return Attempt::Failed("no connection".into()) };
     let close = if mode == Mode::NewConnection { "close" } else { "keep-alive" };
-    let sent = write!(reader.get_mut(), "GET / HTTP/1.1\r\nHost: t\r\nConnection: {close}\r\n\r\n");
+    // One write, as real clients do.
+    let req = format!("GET / HTTP/1.1\r\nHost: t\r\nConnection: {close}\r\n\r\n");
+    let sent = reader.get_mut().write_all(req.as_bytes());
     let result = read_response(reader);
     let answer = match (sent, result) {
         (Ok(()), Ok(a)) => Attempt::Answered(a.0, a.1, a.2),

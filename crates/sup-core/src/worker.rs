@@ -296,7 +296,13 @@ impl Watch {
                 _ = sleep_until(ready_deadline.unwrap_or_else(far)), if ready_deadline.is_some() => {
                     ready_deadline = None;
                     failure = Some(format!("not ready within {}", humantime::format_duration(self.ready_timeout)));
-                    kill_group(self.pid, libc::SIGKILL);
+                    // It may be serving already (on the slot's socket, beside the
+                    // old worker): stop it gracefully so no request it took fails.
+                    if kill_deadline.is_none() {
+                        kill_group(self.pid, self.stop_signal as i32);
+                        kill_group(self.pid, libc::SIGCONT);
+                        kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
+                    }
                 }
                 c = ctl.recv(), if ctl_open => match c {
                     Some(WorkerCtl::Stop) => {

@@ -77,20 +77,24 @@ impl App {
     }
 
     /// The app's status, from the slots' last published views.
-    pub fn status(&self) -> AppStatus {
+    pub fn status(&self, samples: &crate::monitor::Samples) -> AppStatus {
+        let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let instances = self
             .slots()
             .iter()
             .map(|s| {
                 let v = s.view.borrow();
+                let sample = samples.get(&(self.name.clone(), s.slot)).filter(|x| Some(x.pid) == v.pid);
                 InstanceStatus {
                     slot: v.slot,
                     pid: v.pid.map(|p| p as u32),
                     state: v.state,
                     restarts: v.restarts,
                     uptime_ms: v.since.map(|t| t.elapsed().as_millis() as u64),
-                    cpu_percent: None,
-                    rss_bytes: None,
+                    cpu_percent: sample.map(|x| (x.cpu_percent * 10.0).round() / 10.0),
+                    rss_bytes: sample.map(|x| x.rss_bytes),
+                    tree_rss_bytes: sample.map(|x| x.tree_rss_bytes),
+                    cpu_seconds: sample.map(|x| x.cpu_seconds),
                     reason: v.reason.clone(),
                     status_text: v.status_text.clone(),
                     last_restart_reason: v.last_restart_reason,
@@ -219,9 +223,11 @@ impl App {
             inner.spec = Arc::new(spec);
             drop(inner);
             let n = slots.len();
+            self.ctx.metrics.rollout(&self.name, reason_kind(reason), true);
             let message = format!("rolled {n}/{n} instances to version {}", new.version);
             return AppResult { app: self.name.clone(), ok: true, message };
         };
+        self.ctx.metrics.rollout(&self.name, reason_kind(reason), false);
         // Every slot that now runs (or tries to run) the new version goes back.
         let touched: Vec<_> = slots.iter().filter(|s| s.view.borrow().version == new.version).cloned().collect();
         let ids: Vec<u32> = touched.iter().map(|s| s.slot).collect();

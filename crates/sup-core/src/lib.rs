@@ -23,6 +23,8 @@ pub mod app;
 pub mod control;
 pub mod listeners;
 pub mod logs;
+pub mod metrics;
+pub mod monitor;
 pub mod notify;
 pub mod probe;
 pub mod reaper;

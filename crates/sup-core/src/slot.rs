@@ -437,6 +437,7 @@ impl SlotTask {
                 {
                     let ready_ms = worker.started.elapsed().as_millis() as u64;
                     let done = Replaced { old_pid: None, new_pid: worker.pid, ready_ms };
+                    self.ctx.metrics.ready(&self.ctx.app, ready_ms);
                     self.set_state(State::Ready { worker }, &format!("ready after {ready_ms} ms"));
                     for w in self.start_waiters.drain(..) {
                         let _ = w.send(Ok(done.clone()));
@@ -444,12 +445,28 @@ impl SlotTask {
                 }
             }
             WorkerEventKind::Exited { info, failure } => self.on_current_exit(info, failure).await,
+            WorkerEventKind::WatchdogMissed => {
+                let (reply, _) = oneshot::channel();
+                let spec = self.spec.clone();
+                match &self.state {
+                    // A hung worker serving nothing still gets a replacement
+                    // ready before it is stopped.
+                    State::Ready { .. } if self.next.is_none() => {
+                        self.replace(spec, RestartReason::Watchdog, reply).await
+                    }
+                    State::Starting { worker } => {
+                        tracing::warn!(app = self.app(), slot = self.slot, "watchdog expired before ready: killing");
+                        worker.kill();
+                    }
+                    _ => {}
+                }
+            }
         }
     }
 
     async fn on_next_event(&mut self, ev: WorkerEvent) {
         match ev.kind {
-            WorkerEventKind::Status(_) => {}
+            WorkerEventKind::Status(_) | WorkerEventKind::WatchdogMissed => {}
             WorkerEventKind::Ready => {
                 let Some(next) = self.next.take() else { return };
                 let ready_ms = next.worker.started.elapsed().as_millis() as u64;
@@ -461,6 +478,8 @@ impl SlotTask {
                 self.spec = next.worker.spec.clone();
                 self.restarts += 1;
                 self.last_restart_reason = Some(next.reason);
+                self.ctx.metrics.restart(&self.ctx.app, next.reason);
+                self.ctx.metrics.ready(&self.ctx.app, ready_ms);
                 self.status_text = None;
                 self.set_state(
                     State::Ready { worker: next.worker },
@@ -569,6 +588,7 @@ impl SlotTask {
         self.attempt = self.attempt.saturating_add(1);
         self.restarts += 1;
         self.last_restart_reason = Some(RestartReason::Crash);
+        self.ctx.metrics.restart(&self.ctx.app, RestartReason::Crash);
         self.status_text = None;
         if delay.is_zero() {
             self.spawn_current(&format!("{what}; restarting now")).await;

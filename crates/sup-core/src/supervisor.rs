@@ -61,6 +61,7 @@ pub enum Verb {
 /// What creating an app needs besides its configuration.
 struct Shared {
     spawner: Spawner,
+    metrics: Arc<crate::metrics::Metrics>,
     base_env: Arc<Vec<(String, String)>>,
     notify_dir: PathBuf,
     log_dir: PathBuf,
@@ -69,6 +70,10 @@ struct Shared {
 /// Everything supd supervises.
 pub struct Supervisor {
     apps: Mutex<Vec<Arc<App>>>,
+    /// The monitor's last samples.
+    pub samples: crate::monitor::Samples,
+    /// Counters and gauges for /metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
     config: Mutex<Config>,
     shared: Shared,
     // Serialises config apply with itself; per-app operations have their own lock.
@@ -91,17 +96,22 @@ impl Supervisor {
         let spawner = Spawner::start(reaper).map_err(|e| StartError::Setup(format!("cannot start spawner: {e}")))?;
         let base_env: Arc<Vec<(String, String)>> =
             Arc::new(std::env::vars().filter(|(k, _)| !OWN_VARS.contains(&k.as_str())).collect());
-        let shared = Shared { spawner, base_env, notify_dir, log_dir: sc.log_dir.clone() };
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let shared = Shared { spawner, metrics: metrics.clone(), base_env, notify_dir, log_dir: sc.log_dir.clone() };
         let mut apps = Vec::new();
         for cfg in &config.apps {
             apps.push(shared.new_app(cfg.clone())?);
         }
+        let interval = config.supervisor.monitor_interval;
         let sup = Arc::new(Supervisor {
             apps: Mutex::new(apps),
+            samples: Arc::default(),
+            metrics,
             config: Mutex::new(config),
             shared,
             apply: tokio::sync::Mutex::new(()),
         });
+        crate::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
         for app in sup.apps() {
             if app.spec().cfg.autostart {
                 spawn_start(app);
@@ -136,8 +146,8 @@ impl Supervisor {
     /// The status of one app or all; never waits on a worker or a sample.
     pub fn status(&self, app: Option<&str>) -> Result<StatusResponse, ApiError> {
         let apps = match app {
-            Some(name) => vec![self.find(name)?.status()],
-            None => self.apps().iter().map(|a| a.status()).collect(),
+            Some(name) => vec![self.find(name)?.status(&self.samples)],
+            None => self.apps().iter().map(|a| a.status(&self.samples)).collect(),
         };
         Ok(StatusResponse { apps })
     }
@@ -308,6 +318,7 @@ impl Shared {
             logs,
             notify_dir: self.notify_dir.clone(),
             base_env: self.base_env.clone(),
+            metrics: self.metrics.clone(),
         });
         App::new(ctx, cfg)
     }

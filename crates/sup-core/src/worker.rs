@@ -33,6 +33,8 @@ pub struct WorkerCtx {
     pub notify_dir: PathBuf,
     /// supd's environment, without the variables systemd meant for supd itself.
     pub base_env: Arc<Vec<(String, String)>>,
+    /// Where restarts and readiness are counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A configuration as run by workers, with its version number.
@@ -67,6 +69,8 @@ pub enum WorkerEventKind {
     Ready,
     /// It sent `STATUS=`.
     Status(String),
+    /// It stopped sending `WATCHDOG=1` in time (or sent `WATCHDOG=trigger`).
+    WatchdogMissed,
     /// It was reaped. `failure` says why supd killed it, if it did.
     Exited {
         /// How it ended.
@@ -161,6 +165,7 @@ pub async fn start(
         pid: spawned.pid,
         ready_check: cfg.ready.clone(),
         port: cfg.port,
+        watchdog: cfg.watchdog,
         ready_timeout: cfg.ready_timeout,
         stop_signal: cfg.stop_signal,
         stop_timeout: cfg.stop_timeout,
@@ -212,6 +217,9 @@ fn worker_env(
     if let Some(port) = port {
         set("PORT", port.to_string());
     }
+    if let Some(w) = cfg.watchdog {
+        set("WATCHDOG_USEC", w.as_micros().to_string());
+    }
     if !fds.is_empty() {
         set("LISTEN_FDS", fds.len().to_string());
         set("LISTEN_FDNAMES", fds.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>().join(":"));
@@ -225,6 +233,7 @@ struct Watch {
     pid: i32,
     ready_check: ReadyCheck,
     port: Option<u16>,
+    watchdog: Option<Duration>,
     ready_timeout: Duration,
     stop_signal: Signal,
     stop_timeout: Duration,
@@ -261,6 +270,8 @@ impl Watch {
             _ => None,
         };
         let mut kill_deadline: Option<tokio::time::Instant> = None;
+        // Counted from the start, like systemd; every WATCHDOG=1 pushes it out.
+        let mut watchdog_deadline = self.watchdog.map(|w| tokio::time::Instant::now() + w);
         let mut failure: Option<String> = None;
         let mut notify_ok = true;
         let mut ctl_open = true;
@@ -282,6 +293,13 @@ impl Watch {
                                 self.send(WorkerEventKind::Ready);
                             }
                             NotifyMsg::Status(s) => self.send(WorkerEventKind::Status(s)),
+                            NotifyMsg::Watchdog => if let (Some(w), Some(dl)) = (self.watchdog, watchdog_deadline.as_mut()) {
+                                *dl = tokio::time::Instant::now() + w;
+                            },
+                            NotifyMsg::WatchdogTrigger if watchdog_deadline.is_some() => {
+                                watchdog_deadline = None;
+                                self.send(WorkerEventKind::WatchdogMissed);
+                            }
                             NotifyMsg::ExtendTimeout(d) => if let Some(dl) = ready_deadline.as_mut() {
                                 *dl = (*dl).max(tokio::time::Instant::now() + d);
                             },
@@ -303,6 +321,11 @@ impl Watch {
                         kill_group(self.pid, libc::SIGCONT);
                         kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
                     }
+                }
+                _ = sleep_until(watchdog_deadline.unwrap_or_else(far)), if watchdog_deadline.is_some() && kill_deadline.is_none() => {
+                    watchdog_deadline = None;
+                    tracing::warn!(pid = self.pid, "no WATCHDOG=1 within {}", humantime::format_duration(self.watchdog.unwrap_or_default()));
+                    self.send(WorkerEventKind::WatchdogMissed);
                 }
                 c = ctl.recv(), if ctl_open => match c {
                     Some(WorkerCtl::Stop) => {

@@ -111,6 +111,12 @@ pub struct InstanceStatus {
     pub cpu_percent: Option<f64>,
     /// Resident memory of the worker's main process, bytes.
     pub rss_bytes: Option<u64>,
+    /// Resident memory of the worker's whole process tree, bytes.
+    #[serde(default)]
+    pub tree_rss_bytes: Option<u64>,
+    /// CPU time used by the worker's live process tree, seconds.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
     /// Why the slot is in its state, in plain words.
     #[serde(default)]
     pub reason: String,
@@ -303,6 +309,8 @@ mod tests {
                     uptime_ms: Some(5),
                     cpu_percent: Some(0.5),
                     rss_bytes: Some(1024),
+                    tree_rss_bytes: Some(2048),
+                    cpu_seconds: Some(0.25),
                     reason: "ready".into(),
                     status_text: None,
                     last_restart_reason: Some(RestartReason::Crash),

@@ -2,6 +2,7 @@
 
 mod client;
 mod output;
+mod top;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,6 +38,19 @@ enum Command {
         /// Print JSON for scripts.
         #[arg(long)]
         json: bool,
+    },
+    /// A live, refreshing view of every worker's CPU and memory (q or Ctrl-C quits).
+    #[command(visible_alias = "monit")]
+    Top {
+        /// Sort by.
+        #[arg(long, value_enum, default_value = "cpu")]
+        sort: top::SortBy,
+        /// Print one frame and exit (for scripts).
+        #[arg(long)]
+        once: bool,
+        /// Refresh interval.
+        #[arg(long, default_value = "1s", value_parser = sup_config::parse_duration)]
+        interval: std::time::Duration,
     },
     /// Start an app's stopped or errored instances and wait until they are ready.
     Start(Target),
@@ -129,6 +143,7 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
             }
             Ok(exit::OK)
         }
+        Command::Top { sort, once, interval } => top::run(&client, sort, once, interval).map(|()| exit::OK),
         Command::Start(t) => action(&client, "start", t),
         Command::Stop(t) => action(&client, "stop", t),
         Command::Restart(t) => action(&client, "restart", t),

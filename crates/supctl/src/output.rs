@@ -13,7 +13,9 @@ pub fn print_json<T: serde::Serialize>(v: &T) {
 
 /// Prints the status table.
 pub fn print_status(s: &StatusResponse) {
-    let mut rows = vec![["APP", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "REASON"].map(String::from).to_vec()];
+    let mut rows = vec![["APP", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "CPU%", "MEM", "TREE", "REASON"]
+        .map(String::from)
+        .to_vec()];
     for app in &s.apps {
         for i in &app.instances {
             rows.push(vec![
@@ -22,7 +24,17 @@ pub fn print_status(s: &StatusResponse) {
                 i.pid.map_or("-".into(), |p| p.to_string()),
                 i.state.as_str().to_string(),
                 i.uptime_ms.map_or("-".into(), uptime),
-                i.restarts.to_string(),
+                match i.last_restart_reason {
+                    Some(r) if i.restarts > 0 => format!(
+                        "{} ({})",
+                        i.restarts,
+                        serde_json::to_value(r).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                    ),
+                    _ => i.restarts.to_string(),
+                },
+                i.cpu_percent.map_or("-".into(), |c| format!("{c:.1}")),
+                i.rss_bytes.map_or("-".into(), bytes),
+                i.tree_rss_bytes.map_or("-".into(), bytes),
                 i.status_text.clone().unwrap_or_else(|| i.reason.clone()),
             ]);
         }
@@ -43,6 +55,18 @@ pub fn print_status(s: &StatusResponse) {
         if writeln!(out, "{}", line.join("  ").trim_end()).is_err() {
             return;
         }
+    }
+}
+
+/// `812K`, `41.2M`, `1.5G`.
+pub fn bytes(b: u64) -> String {
+    let b = b as f64;
+    if b < 1024.0 * 1024.0 {
+        format!("{:.0}K", b / 1024.0)
+    } else if b < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1}M", b / 1024.0 / 1024.0)
+    } else {
+        format!("{:.2}G", b / 1024.0 / 1024.0 / 1024.0)
     }
 }
 

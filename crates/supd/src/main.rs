@@ -75,6 +75,17 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     let listener =
         control::bind(&sc.control_socket, sc.control_socket_mode, sc.control_socket_group.as_ref().map(|g| g.gid))
             .map_err(|e| e.to_string())?;
+    // Bound before any worker starts, so a taken address fails cleanly.
+    let metrics = match sc.metrics {
+        Some(addr) => match sup_core::metrics::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = std::fs::remove_file(&sc.control_socket);
+                return Err(e.to_string());
+            }
+        },
+        None => None,
+    };
     let sup = match Supervisor::start(config).await {
         Ok(s) => s,
         Err(e) => {
@@ -82,6 +93,13 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    if let Some(l) = metrics {
+        tracing::info!(
+            "metrics on http://{}/metrics and /health",
+            l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+        );
+        tokio::spawn(sup_core::metrics::serve(l, Arc::downgrade(&sup)));
+    }
     let access =
         Access { owner: nix::unistd::geteuid().as_raw(), group: sc.control_socket_group.as_ref().map(|g| g.gid) };
     let server = tokio::spawn(control::serve(sup.clone(), listener, access));

@@ -339,11 +339,12 @@ impl App {
 
     /// Stops slots `keep..` and closes their sockets once their workers are gone.
     async fn remove_slots(&self, keep: u32, progress: &Progress) {
-        let doomed: Vec<SlotHandle> = self.slots().into_iter().filter(|s| s.slot >= keep).collect();
-        let pending: Vec<_> = doomed.iter().map(|s| (s.slot, s.stop())).collect();
-        for (slot, fut) in pending {
-            fut.await;
-            let _ = progress.send(RolloutEvent::SlotRemoved { app: self.name.clone(), slot });
+        let doomed: Vec<SlotHandle> = self.slots().into_iter().filter(|s| s.slot >= keep).rev().collect();
+        // One at a time: connections migrating out of a closing socket must
+        // not land in another socket that is closing at the same instant.
+        for s in doomed {
+            s.stop().await;
+            let _ = progress.send(RolloutEvent::SlotRemoved { app: self.name.clone(), slot: s.slot });
         }
         // Dropping the last handle ends the slot task; dropping the sockets closes
         // them, and with net.ipv4.tcp_migrate_req the kernel moves connections

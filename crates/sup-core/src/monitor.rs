@@ -35,6 +35,10 @@ pub type Samples = Arc<Mutex<HashMap<(String, u32), Sample>>>;
 #[derive(Default)]
 struct SlotTrack {
     pid: i32,
+    // Open /proc/PID/stat files of the tree, main process first: re-reading an
+    // open file costs a fraction of opening it again every second.
+    tree: Vec<(i32, std::fs::File)>,
+    rescan_in: u32,
     ticks: u64,
     at: Option<Instant>,
     over: u32,
@@ -61,9 +65,9 @@ pub fn start(sup: Weak<Supervisor>, samples: Samples, interval: Duration) {
                     let view = slot.view.borrow().clone();
                     let Some(pid) = view.pid else { continue };
                     let key = (app.name.clone(), slot.slot);
-                    let Some((ticks, rss, tree_rss)) = read_tree(pid, page) else { continue };
-                    let now = Instant::now();
                     let track = tracks.entry(key.clone()).or_default();
+                    let Some((ticks, rss, tree_rss)) = track.sample(pid, page) else { continue };
+                    let now = Instant::now();
                     let cpu_percent = match track.at {
                         Some(at) if track.pid == pid && ticks >= track.ticks => {
                             let secs = now.duration_since(at).as_secs_f64().max(1e-3);
@@ -133,6 +137,53 @@ pub fn start(sup: Weak<Supervisor>, samples: Samples, interval: Duration) {
     });
 }
 
+/// Descendants are looked for again every this many samples.
+const RESCAN_EVERY: u32 = 10;
+
+impl SlotTrack {
+    /// CPU ticks of the tree, RSS of `pid`, RSS of the tree.
+    fn sample(&mut self, pid: i32, page: u64) -> Option<(u64, u64, u64)> {
+        if self.pid != pid || self.rescan_in == 0 || self.tree.is_empty() {
+            self.tree = tree_pids(pid).into_iter().filter_map(|p| open_stat(p).map(|f| (p, f))).collect();
+            self.rescan_in = RESCAN_EVERY;
+        }
+        self.rescan_in -= 1;
+        let mut buf = [0u8; 1024];
+        let mut main = None;
+        let (mut ticks, mut tree_rss) = (0, 0);
+        self.tree.retain(|(p, f)| {
+            use std::os::unix::fs::FileExt;
+            let Ok(n) = f.read_at(&mut buf, 0) else { return false };
+            let Some((t, r, _)) = parse_stat(&buf[..n], page) else { return false };
+            ticks += t;
+            tree_rss += r;
+            if *p == pid {
+                main = Some(r);
+            }
+            true
+        });
+        main.map(|rss| (ticks, rss, tree_rss))
+    }
+}
+
+fn open_stat(pid: i32) -> Option<std::fs::File> {
+    std::fs::File::open(format!("/proc/{pid}/stat")).ok()
+}
+
+/// `pid` and its descendants.
+fn tree_pids(pid: i32) -> Vec<i32> {
+    let mut all = vec![pid];
+    let mut stack = children(pid);
+    while let Some(child) = stack.pop() {
+        if all.len() > 10_000 {
+            break;
+        }
+        all.push(child);
+        stack.extend(children(child));
+    }
+    all
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -153,39 +204,42 @@ fn page_size() -> u64 {
     }
 }
 
-/// CPU ticks of the tree, RSS of `pid`, RSS of the tree.
-fn read_tree(pid: i32, page: u64) -> Option<(u64, u64, u64)> {
-    let (ticks, rss) = read_one(pid, page)?;
-    let (mut total_ticks, mut total_rss) = (ticks, rss);
-    let mut stack = children(pid);
-    let mut seen = 0;
-    while let Some(child) = stack.pop() {
-        seen += 1;
-        if seen > 10_000 {
-            break;
-        }
-        if let Some((t, r)) = read_one(child, page) {
-            total_ticks += t;
-            total_rss += r;
-        }
-        stack.extend(children(child));
-    }
-    Some((total_ticks, rss, total_rss))
+fn read_one(pid: i32, page: u64) -> Option<(u64, u64)> {
+    read_stat(pid, page).map(|(t, r, _)| (t, r))
 }
 
-fn read_one(pid: i32, page: u64) -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+/// CPU ticks, RSS bytes and thread count from /proc/PID/stat.
+fn read_stat(pid: i32, page: u64) -> Option<(u64, u64, u64)> {
+    parse_stat(&std::fs::read(format!("/proc/{pid}/stat")).ok()?, page)
+}
+
+fn parse_stat(stat: &[u8], page: u64) -> Option<(u64, u64, u64)> {
+    let stat = std::str::from_utf8(stat).ok()?;
     // Fields after the command name, which may itself hold spaces and parentheses.
     let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let utime: u64 = f.get(11)?.parse().ok()?;
-    let stime: u64 = f.get(12)?.parse().ok()?;
-    let rss_pages: u64 = f.get(21)?.parse().ok()?;
-    Some((utime + stime, rss_pages * page))
+    // Fields counted from the state (0): utime 11, stime 12, threads 17, rss 21.
+    let mut f = rest.split_ascii_whitespace();
+    let utime: u64 = f.nth(11)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    let threads: u64 = f.nth(4)?.parse().ok()?;
+    let rss_pages: u64 = f.nth(3)?.parse().ok()?;
+    Some((utime + stime, rss_pages * page, threads))
 }
 
 fn children(pid: i32) -> Vec<i32> {
+    children_of(pid, read_stat(pid, 4096).map_or(2, |s| s.2))
+}
+
+/// Children of every thread of `pid`; single-threaded processes (the common
+/// idle worker) cost one read instead of a directory scan.
+fn children_of(pid: i32, threads: u64) -> Vec<i32> {
     let mut out = Vec::new();
+    if threads <= 1 {
+        if let Ok(c) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            out.extend(c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        }
+        return out;
+    }
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
             if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
@@ -208,12 +262,14 @@ mod tests {
     #[test]
     fn reads_its_own_tree() {
         let me = std::process::id() as i32;
-        let (ticks, rss, tree) = read_tree(me, page_size()).expect("own stat");
-        assert!(rss > 1 << 20, "rss {rss}");
-        assert!(tree >= rss);
-        let _ = ticks;
         let mut child = std::process::Command::new("sleep").arg("5").spawn().expect("sleep");
         assert!(children(me).contains(&(child.id() as i32)));
+        let mut track = SlotTrack::default();
+        let (_, rss, tree) = track.sample(me, page_size()).expect("own stat");
+        assert!(rss > 1 << 20, "rss {rss}");
+        assert!(tree > rss, "the child counts");
+        // The second sample re-reads the open files.
+        assert!(track.sample(me, page_size()).is_some());
         let _ = child.kill();
         let _ = child.wait();
     }

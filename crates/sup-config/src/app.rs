@@ -74,6 +74,8 @@ pub struct AppConfig {
     pub stop_exit_codes: Vec<i32>,
     /// Ask workers to stop with a `shutdown` message before the signal.
     pub shutdown_with_message: bool,
+    /// Where output goes, its format and rotation.
+    pub logs: crate::logs::LogConfig,
 }
 
 /// Shows env keys only: values may be secrets from `env_file`.
@@ -201,6 +203,7 @@ impl RawApp {
             autostart: self.autostart.unwrap_or(true),
             stop_exit_codes: self.stop_exit_codes,
             shutdown_with_message: self.shutdown_with_message.unwrap_or(false),
+            logs: self.logs.map(|l| l.into_config()).unwrap_or_default(),
             name,
         })
     }
@@ -242,6 +245,7 @@ mod tests {
             autostart: true,
             stop_exit_codes: Vec::new(),
             shutdown_with_message: false,
+            logs: crate::logs::LogConfig::default(),
         };
         assert_eq!(app, want);
     }

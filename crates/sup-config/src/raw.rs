@@ -44,6 +44,7 @@ pub(crate) struct RawSupervisor {
     pub monitor_interval: Option<Spanned<DurationValue>>,
     pub metrics: Option<TcpAddr>,
     pub log_level: Option<Spanned<String>>,
+    pub log_file: Option<String>,
 }
 
 /// `[apps.NAME]`.
@@ -79,4 +80,5 @@ pub(crate) struct RawApp {
     #[serde(default)]
     pub stop_exit_codes: Vec<i32>,
     pub shutdown_with_message: Option<bool>,
+    pub logs: Option<crate::logs::RawLogs>,
 }

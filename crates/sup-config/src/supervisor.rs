@@ -32,6 +32,8 @@ pub struct SupervisorConfig {
     pub metrics: Option<SocketAddr>,
     /// `RUST_LOG`-style filter for supd's own log.
     pub log_level: String,
+    /// supd's own log file; stderr when unset.
+    pub log_file: Option<PathBuf>,
 }
 
 impl RawSupervisor {
@@ -77,6 +79,7 @@ impl RawSupervisor {
             monitor_interval,
             metrics: self.metrics.map(|m| m.0),
             log_level,
+            log_file: self.log_file.map(|f| resolve(base, &f)),
         })
     }
 }

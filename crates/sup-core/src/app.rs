@@ -103,7 +103,7 @@ impl App {
             })
             .collect();
         let rollout = self.op_name.lock().unwrap_or_else(|e| e.into_inner()).map(str::to_string);
-        AppStatus { name: self.name.clone(), instances, rollout }
+        AppStatus { name: self.name.clone(), log_lines_lost: self.ctx.logs.lost(), instances, rollout }
     }
 
     /// Starts every slot that is not running; waits until all are ready or failed.
@@ -418,6 +418,11 @@ impl App {
             ok: false,
             message: format!("internal error during {name}: {e}"),
         })
+    }
+
+    /// The app's log files and live lines.
+    pub fn logs(&self) -> &crate::logs::AppLogs {
+        &self.ctx.logs
     }
 
     /// The shared worker context of this app.

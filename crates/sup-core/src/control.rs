@@ -209,6 +209,19 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
             Err(e) => api_error(e),
         };
     }
+    if rest == "/logs" {
+        if req.method() != Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/logs");
+        }
+        return logs(&sup, req.uri().query().unwrap_or(""));
+    }
+    if rest == "/logs/reopen" {
+        if req.method() != Method::POST {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST for /v1/logs/reopen");
+        }
+        sup.reopen_logs();
+        return json(StatusCode::OK, &ActionResponse::default());
+    }
     if !["/start", "/stop", "/restart", "/reload", "/scale", "/config/apply"].contains(&rest.as_str()) {
         return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`"));
     }
@@ -256,6 +269,53 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
             stream(move |p| async move { sup.apply(p).await }).await
         }
     }
+}
+
+/// `GET /v1/logs?app=A&lines=N&follow=1&stream=out|err&instance=K&since=SECONDS`.
+fn logs(sup: &Supervisor, query: &str) -> Resp {
+    let mut app = None;
+    let (mut lines, mut follow, mut stream, mut instance, mut since) = (20usize, false, None, None, None);
+    for kv in query.split('&').filter(|kv| !kv.is_empty()) {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        let bad = |what: &str| error(StatusCode::BAD_REQUEST, "bad_request", format!("invalid `{k}`: {what}"));
+        match k {
+            "app" => app = Some(v.to_string()),
+            "lines" => match v.parse() {
+                Ok(n) if n <= 100_000 => lines = n,
+                _ => return bad("expected a number up to 100000"),
+            },
+            "follow" => follow = v == "1" || v == "true",
+            "stream" if v == "out" || v == "err" => stream = Some(v.to_string()),
+            "stream" => return bad("expected `out` or `err`"),
+            "instance" => match v.parse() {
+                Ok(n) => instance = Some(n),
+                Err(_) => return bad("expected a slot number"),
+            },
+            "since" => match v.parse::<u64>() {
+                Ok(s) => since = Some(Duration::from_secs(s)),
+                Err(_) => return bad("expected seconds"),
+            },
+            _ => return error(StatusCode::BAD_REQUEST, "bad_request", format!("unknown parameter `{k}`")),
+        }
+    }
+    let Some(name) = app else { return error(StatusCode::BAD_REQUEST, "bad_request", "give `app`") };
+    let app = match sup.app(&name) {
+        Ok(a) => a,
+        Err(e) => return api_error(e),
+    };
+    let filter = crate::logread::Filter::new(stream, instance, since);
+    // Subscribed before reading the files, so no line falls between the two.
+    let live = follow.then(|| app.logs().follow());
+    let mut body = Vec::new();
+    for l in crate::logread::history(app.logs(), &name, &filter, lines) {
+        body.extend_from_slice(&serde_json::to_vec(&l).unwrap_or_default());
+        body.push(b'\n');
+    }
+    let Some(rx) = live else { return ndjson_response(Full::new(Bytes::from(body)).boxed()) };
+    let (tx, body_rx) = mpsc::unbounded_channel();
+    let _ = tx.send(Bytes::from(body));
+    tokio::spawn(crate::logread::follow(rx, filter, name, tx));
+    ndjson_response(BoxBody::new(ChannelBody(body_rx)))
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {

@@ -22,6 +22,7 @@
 pub mod app;
 pub mod control;
 pub mod listeners;
+pub mod logread;
 pub mod logs;
 pub mod metrics;
 pub mod monitor;

@@ -1,25 +1,32 @@
-//! Capture of worker stdout and stderr.
+//! Capture of worker stdout and stderr, files with rotation, and followers.
 //!
-//! Each worker stream has a reader task that splits lines and stamps them;
-//! each app has one writer thread that owns its files, so a slow disk or a
-//! flooding app never stalls the event loop or another app. The channel
-//! between them is bounded: when the writer falls behind, the reader stops
-//! reading and the worker blocks on its own pipe, so supd's memory stays bounded.
+//! Each worker stream has a reader task that splits lines (longer ones at
+//! `max_line`), stamps them and formats them; each app has one writer thread
+//! that owns its files, so a slow disk or a flooding app never stalls the
+//! event loop or another app. The channel between them is bounded: when the
+//! writer falls behind, readers stop reading and the worker blocks on its own
+//! pipe, so supd's memory stays bounded.
+//!
+//! Rotation renames the file and opens a fresh one between two chunks, and
+//! chunks hold whole lines, so nothing is lost, duplicated or split. Write
+//! errors (a full disk) drop the chunk, count its lines, warn once per
+//! episode, and writing resumes by itself.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use sup_config::{LogConfig, LogFormat, LogTarget};
+use sup_proto::LogLine;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
-/// Longest line kept whole; longer ones are split (never buffered without bound).
-pub const MAX_LINE: usize = 64 * 1024;
 /// Bytes read from a pipe at once.
 const READ_CHUNK: usize = 64 * 1024;
 /// Lines of each worker kept in memory for failure reports.
@@ -39,9 +46,19 @@ pub enum Stream {
     Err,
 }
 
+impl Stream {
+    fn name(self) -> &'static str {
+        match self {
+            Stream::Out => "out",
+            Stream::Err => "err",
+        }
+    }
+}
+
 struct Chunk {
     stream: Stream,
     data: Vec<u8>,
+    lines: u64,
 }
 
 /// The log files of one app and the thread that writes them.
@@ -49,21 +66,46 @@ struct Chunk {
 pub struct AppLogs {
     tx: mpsc::Sender<Chunk>,
     app: Arc<str>,
+    cfg: Arc<LogConfig>,
+    live: broadcast::Sender<Arc<LogLine>>,
+    lost: Arc<AtomicU64>,
+    reopen: Arc<AtomicU64>,
+    dir: PathBuf,
+}
+
+/// The file names of an app's logs in the log folder.
+pub fn file_names(app: &str, cfg: &LogConfig) -> Vec<(Option<Stream>, String)> {
+    if cfg.combined {
+        vec![(None, format!("{app}.log"))]
+    } else {
+        vec![(Some(Stream::Out), format!("{app}.out.log")), (Some(Stream::Err), format!("{app}.err.log"))]
+    }
 }
 
 impl AppLogs {
-    /// Opens (appending) `<dir>/<app>.out.log` and `<app>.err.log` and starts the writer.
-    pub fn open(dir: &Path, app: &str) -> std::io::Result<AppLogs> {
-        let out_path = dir.join(format!("{app}.out.log"));
-        let err_path = dir.join(format!("{app}.err.log"));
-        let out = open_append(&out_path)?;
-        let err = open_append(&err_path)?;
+    /// Opens (appending) the app's files and starts its writer thread.
+    pub fn open(dir: &Path, app: &str, cfg: &LogConfig) -> std::io::Result<AppLogs> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let name = app.to_string();
-        std::thread::Builder::new()
-            .name(format!("sup-log-{app}"))
-            .spawn(move || write_loop(rx, &name, [(out, out_path), (err, err_path)]))?;
-        Ok(AppLogs { tx, app: app.into() })
+        let lost = Arc::new(AtomicU64::new(0));
+        let reopen = Arc::new(AtomicU64::new(0));
+        let mut writer = Writer {
+            app: app.to_string(),
+            cfg: cfg.clone(),
+            sinks: Vec::new(),
+            lost: lost.clone(),
+            reopen: reopen.clone(),
+            epoch: 0,
+            failing: false,
+            journal: None,
+        };
+        if cfg.target == LogTarget::Files {
+            for (_, name) in file_names(app, cfg) {
+                writer.sinks.push(Sink::open(dir.join(name))?);
+            }
+        }
+        std::thread::Builder::new().name(format!("sup-log-{app}")).spawn(move || writer.run(rx))?;
+        let (live, _) = broadcast::channel(1024);
+        Ok(AppLogs { tx, app: app.into(), cfg: Arc::new(cfg.clone()), live, lost, reopen, dir: dir.to_path_buf() })
     }
 
     /// Starts the reader task of one worker stream; it ends at EOF.
@@ -75,93 +117,327 @@ impl AppLogs {
                 return None;
             }
         };
-        let tx = self.tx.clone();
-        let prefix = format!(" {}#{} ", self.app, slot);
-        Some(tokio::spawn(read_loop(rx, tx, stream, prefix, tail)))
+        let reader = Reader { logs: self.clone(), stream, slot, tail };
+        Some(tokio::spawn(reader.run(rx)))
+    }
+
+    /// Lines that could not be written so far.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    /// Closes and reopens the files (after an external logrotate moved them).
+    pub fn reopen(&self) {
+        self.reopen.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Live lines from now on.
+    pub fn follow(&self) -> broadcast::Receiver<Arc<LogLine>> {
+        self.live.subscribe()
+    }
+
+    /// The settings and folder, for reading the files back.
+    pub fn files(&self) -> (PathBuf, Arc<LogConfig>) {
+        (self.dir.clone(), self.cfg.clone())
     }
 }
 
-fn open_append(path: &Path) -> std::io::Result<File> {
-    OpenOptions::new().create(true).append(true).open(path)
+struct Reader {
+    logs: AppLogs,
+    stream: Stream,
+    slot: u32,
+    tail: Tail,
 }
 
-async fn read_loop(mut rx: pipe::Receiver, tx: mpsc::Sender<Chunk>, stream: Stream, prefix: String, tail: Tail) {
-    // Capacity, not length: pages are touched only when output arrives, so
-    // thousands of quiet workers cost almost nothing.
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
-    let mut partial: Vec<u8> = Vec::new();
-    loop {
-        buf.clear();
-        let n = match rx.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let mut out = Vec::with_capacity(n + 64);
-        let mut rest = &buf[..n];
-        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            let (line, after) = rest.split_at(pos);
-            if partial.is_empty() {
-                emit(&mut out, &stamp, &prefix, line, &tail);
-            } else {
-                partial.extend_from_slice(line);
-                emit(&mut out, &stamp, &prefix, &partial, &tail);
-                partial.clear();
+impl Reader {
+    async fn run(self, mut rx: pipe::Receiver) {
+        // Capacity, not length: pages are touched only when output arrives, so
+        // thousands of quiet workers cost almost nothing.
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+        let mut partial: Vec<u8> = Vec::new();
+        let max_line = self.logs.cfg.max_line;
+        loop {
+            buf.clear();
+            match rx.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
             }
-            rest = &after[1..];
-        }
-        partial.extend_from_slice(rest);
-        while partial.len() >= MAX_LINE {
-            let line: Vec<u8> = partial.drain(..MAX_LINE).collect();
-            emit(&mut out, &stamp, &prefix, &line, &tail);
-        }
-        if !out.is_empty() && tx.send(Chunk { stream, data: out }).await.is_err() {
-            return;
-        }
-    }
-    if !partial.is_empty() {
-        let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let mut out = Vec::new();
-        emit(&mut out, &stamp, &prefix, &partial, &tail);
-        let _ = tx.send(Chunk { stream, data: out }).await;
-    }
-}
-
-fn emit(out: &mut Vec<u8>, stamp: &str, prefix: &str, line: &[u8], tail: &Tail) {
-    out.extend_from_slice(stamp.as_bytes());
-    out.extend_from_slice(prefix.as_bytes());
-    out.extend_from_slice(line);
-    out.push(b'\n');
-    let mut t = tail.lock().unwrap_or_else(|e| e.into_inner());
-    if t.len() == TAIL_LINES {
-        t.pop_front();
-    }
-    t.push_back(String::from_utf8_lossy(&line[..line.len().min(512)]).into_owned());
-}
-
-fn write_loop(mut rx: mpsc::Receiver<Chunk>, app: &str, mut files: [(File, PathBuf); 2]) {
-    let mut failing = false;
-    let mut lost: u64 = 0;
-    while let Some(chunk) = rx.blocking_recv() {
-        let (file, path) = &mut files[match chunk.stream {
-            Stream::Out => 0,
-            Stream::Err => 1,
-        }];
-        match file.write_all(&chunk.data) {
-            Ok(()) if failing => {
-                failing = false;
-                tracing::warn!(app, "writing {} again; {lost} bytes of output were lost", path.display());
+            let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            let mut out = Vec::with_capacity(buf.len() + 64);
+            let mut lines = 0;
+            let mut rest = &buf[..];
+            while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+                let (line, after) = rest.split_at(pos);
+                if partial.is_empty() {
+                    self.emit(&mut out, &stamp, line);
+                } else {
+                    partial.extend_from_slice(line);
+                    let whole = std::mem::take(&mut partial);
+                    self.emit(&mut out, &stamp, &whole);
+                }
+                lines += 1;
+                rest = &after[1..];
             }
-            Ok(()) => {}
-            Err(e) => {
-                lost += chunk.data.len() as u64;
-                if !failing {
-                    failing = true;
-                    tracing::warn!(app, "cannot write {}: {e}; dropping output until it works again", path.display());
+            partial.extend_from_slice(rest);
+            while partial.len() >= max_line {
+                let line: Vec<u8> = partial.drain(..max_line).collect();
+                self.emit(&mut out, &stamp, &line);
+                lines += 1;
+            }
+            if !out.is_empty() && self.logs.tx.send(Chunk { stream: self.stream, data: out, lines }).await.is_err() {
+                return;
+            }
+        }
+        if !partial.is_empty() {
+            let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+            let mut out = Vec::new();
+            self.emit(&mut out, &stamp, &partial);
+            let _ = self.logs.tx.send(Chunk { stream: self.stream, data: out, lines: 1 }).await;
+        }
+    }
+
+    fn emit(&self, out: &mut Vec<u8>, stamp: &str, line: &[u8]) {
+        let msg = String::from_utf8_lossy(line);
+        let cfg = &self.logs.cfg;
+        match (cfg.target, cfg.format) {
+            (LogTarget::Journald, _) => {
+                out.extend_from_slice(format!("{}\t{}\n", self.slot, msg).as_bytes());
+            }
+            (LogTarget::Files, LogFormat::Json) => {
+                let v = serde_json::json!({
+                    "ts": stamp, "app": &*self.logs.app, "instance": self.slot, "stream": self.stream.name(), "msg": msg,
+                });
+                out.extend_from_slice(v.to_string().as_bytes());
+                out.push(b'\n');
+            }
+            (LogTarget::Files, LogFormat::Text) => {
+                out.extend_from_slice(stamp.as_bytes());
+                out.push(b' ');
+                out.extend_from_slice(self.logs.app.as_bytes());
+                out.push(b'#');
+                out.extend_from_slice(self.slot.to_string().as_bytes());
+                out.push(b' ');
+                if cfg.combined {
+                    out.extend_from_slice(self.stream.name().as_bytes());
+                    out.push(b' ');
+                }
+                out.extend_from_slice(msg.as_bytes());
+                out.push(b'\n');
+            }
+        }
+        if self.logs.live.receiver_count() > 0 {
+            let _ = self.logs.live.send(Arc::new(LogLine {
+                ts: stamp.to_string(),
+                app: self.logs.app.to_string(),
+                instance: self.slot,
+                stream: self.stream.name().to_string(),
+                msg: msg.to_string(),
+            }));
+        }
+        let mut t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        if t.len() == TAIL_LINES {
+            t.pop_front();
+        }
+        t.push_back(msg.chars().take(512).collect());
+    }
+}
+
+/// One file being written.
+struct Sink {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    started: SystemTime,
+}
+
+impl Sink {
+    fn open(path: PathBuf) -> std::io::Result<Sink> {
+        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let meta = file.metadata()?;
+        let started = meta.created().or_else(|_| meta.modified()).unwrap_or_else(|_| SystemTime::now());
+        let started = if meta.len() == 0 { SystemTime::now() } else { started };
+        Ok(Sink { path, file, size: meta.len(), started })
+    }
+}
+
+struct Writer {
+    app: String,
+    cfg: LogConfig,
+    sinks: Vec<Sink>,
+    lost: Arc<AtomicU64>,
+    reopen: Arc<AtomicU64>,
+    epoch: u64,
+    failing: bool,
+    journal: Option<std::os::unix::net::UnixDatagram>,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Chunk>) {
+        while let Some(chunk) = rx.blocking_recv() {
+            if self.cfg.target == LogTarget::Journald {
+                self.journal(&chunk);
+                continue;
+            }
+            let epoch = self.reopen.load(Ordering::SeqCst);
+            if epoch != self.epoch {
+                self.epoch = epoch;
+                self.reopen_all();
+            }
+            let i = if self.cfg.combined || chunk.stream == Stream::Out { 0 } else { 1 };
+            let Some(sink) = self.sinks.get_mut(i) else { continue };
+            let len = chunk.data.len() as u64;
+            let too_big = self.cfg.rotate_size.is_some_and(|max| sink.size > 0 && sink.size + len > max);
+            let too_old = self
+                .cfg
+                .rotate_every
+                .is_some_and(|every| sink.size > 0 && sink.started.elapsed().is_ok_and(|age| age >= every));
+            if too_big || too_old {
+                if let Err(e) = rotate(sink, &self.cfg) {
+                    tracing::warn!(app = %self.app, "cannot rotate {}: {e}", sink.path.display());
+                }
+            }
+            let Some(sink) = self.sinks.get_mut(i) else { continue };
+            match sink.file.write_all(&chunk.data) {
+                Ok(()) => {
+                    sink.size += len;
+                    if self.failing {
+                        self.failing = false;
+                        tracing::warn!(
+                            app = %self.app,
+                            "writing {} again; {} lines lost so far",
+                            sink.path.display(),
+                            self.lost.load(Ordering::Relaxed)
+                        );
+                    }
+                }
+                Err(e) => {
+                    // Cut any partial write so the file keeps whole lines.
+                    let _ = sink.file.set_len(sink.size);
+                    self.lost.fetch_add(chunk.lines, Ordering::Relaxed);
+                    if !self.failing {
+                        self.failing = true;
+                        tracing::warn!(app = %self.app, "cannot write {}: {e}; dropping output until it works again", sink.path.display());
+                    }
                 }
             }
         }
     }
+
+    fn reopen_all(&mut self) {
+        for sink in &mut self.sinks {
+            match Sink::open(sink.path.clone()) {
+                Ok(fresh) => *sink = fresh,
+                Err(e) => tracing::warn!(app = %self.app, "cannot reopen {}: {e}", sink.path.display()),
+            }
+        }
+    }
+
+    /// Native journal protocol: one datagram per line with app and instance fields.
+    fn journal(&mut self, chunk: &Chunk) {
+        if self.journal.is_none() {
+            self.journal = std::os::unix::net::UnixDatagram::unbound().ok();
+        }
+        let Some(sock) = &self.journal else { return };
+        let priority = if chunk.stream == Stream::Err { 3 } else { 6 };
+        for line in chunk.data.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let text = String::from_utf8_lossy(line);
+            let (slot, msg) = text.split_once('\t').unwrap_or(("0", &text));
+            let entry = format!(
+                "MESSAGE={}\nPRIORITY={priority}\nSYSLOG_IDENTIFIER={app}\nSUP_APP={app}\nSUP_INSTANCE={slot}\nSUP_STREAM={}\n",
+                msg.replace('\n', " "),
+                if priority == 3 { "err" } else { "out" },
+                app = self.app
+            );
+            if sock.send_to(entry.as_bytes(), "/run/systemd/journal/socket").is_err() {
+                self.lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Renames the file with a sortable time suffix, opens a fresh one, prunes and compresses.
+fn rotate(sink: &mut Sink, cfg: &LogConfig) -> std::io::Result<()> {
+    let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string().replace(':', "");
+    let mut rotated = sink.path.with_file_name(format!("{}.{stamp}", file_name(&sink.path)));
+    let mut n = 1;
+    while rotated.exists() {
+        rotated = sink.path.with_file_name(format!("{}.{stamp}-{n}", file_name(&sink.path)));
+        n += 1;
+    }
+    sink.file.flush()?;
+    std::fs::rename(&sink.path, &rotated)?;
+    *sink = Sink::open(sink.path.clone())?;
+    let keep = cfg.keep as usize;
+    let compress = cfg.compress;
+    let base = sink.path.clone();
+    // Compression and pruning happen off the capture path.
+    std::thread::Builder::new().name("sup-log-rotate".into()).spawn(move || {
+        if compress {
+            if let Err(e) = gzip(&rotated) {
+                tracing::warn!("cannot compress {}: {e}", rotated.display());
+            }
+        }
+        prune(&base, keep);
+    })?;
+    Ok(())
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+fn gzip(path: &Path) -> std::io::Result<()> {
+    let gz = path.with_file_name(format!("{}.gz", file_name(path)));
+    let mut input = File::open(path)?;
+    let mut enc = flate2::write::GzEncoder::new(File::create(&gz)?, flate2::Compression::default());
+    std::io::copy(&mut input, &mut enc)?;
+    enc.finish()?.sync_all()?;
+    std::fs::remove_file(path)
+}
+
+/// Rotated files of `base`, oldest first.
+pub fn rotated_files(base: &Path) -> Vec<PathBuf> {
+    let prefix = format!("{}.", file_name(base));
+    let Some(dir) = base.parent() else { return Vec::new() };
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| file_name(p).starts_with(&prefix)).collect())
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn prune(base: &Path, keep: usize) {
+    let files = rotated_files(base);
+    // A file being compressed shows up twice (plain and .gz); count stems once.
+    let mut stems: Vec<String> = files.iter().map(|p| file_name(p).trim_end_matches(".gz").to_string()).collect();
+    stems.dedup();
+    if stems.len() <= keep {
+        return;
+    }
+    let doomed: Vec<String> = stems[..stems.len() - keep].to_vec();
+    for p in files {
+        if doomed.iter().any(|d| file_name(&p).trim_end_matches(".gz") == d) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Parses a line of a log file back into its parts.
+pub fn parse_line(line: &str, app: &str, stream: Option<Stream>, cfg: &LogConfig) -> Option<LogLine> {
+    if cfg.format == LogFormat::Json {
+        return serde_json::from_str(line).ok();
+    }
+    let (ts, rest) = line.split_once(' ')?;
+    let (who, rest) = rest.split_once(' ').unwrap_or((rest, ""));
+    let instance = who.rsplit_once('#')?.1.parse().ok()?;
+    let (stream, msg) = match stream {
+        Some(s) => (s.name().to_string(), rest.to_string()),
+        None => {
+            let (s, m) = rest.split_once(' ').unwrap_or((rest, ""));
+            (s.to_string(), m.to_string())
+        }
+    };
+    Some(LogLine { ts: ts.to_string(), app: app.to_string(), instance, stream, msg })
 }
 
 /// A fresh, empty tail.
@@ -172,4 +448,34 @@ pub fn new_tail() -> Tail {
 /// The tail's lines, oldest first.
 pub fn tail_lines(tail: &Tail) -> Vec<String> {
     tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_lines_parse_back() {
+        let cfg = LogConfig::default();
+        let l = parse_line("2026-11-23T12:00:00.123Z web#3 hello world", "web", Some(Stream::Err), &cfg).unwrap();
+        assert_eq!((l.instance, l.stream.as_str(), l.msg.as_str()), (3, "err", "hello world"));
+        let combined = LogConfig { combined: true, ..LogConfig::default() };
+        let l = parse_line("2026-11-23T12:00:00.123Z web#0 out x y", "web", None, &combined).unwrap();
+        assert_eq!((l.stream.as_str(), l.msg.as_str()), ("out", "x y"));
+    }
+
+    #[test]
+    fn pruning_keeps_the_newest() {
+        let dir = std::env::temp_dir().join(format!("sup-prune-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let base = dir.join("a.out.log");
+        for s in ["1", "2", "3", "4"] {
+            std::fs::write(dir.join(format!("a.out.log.2026-0{s}")), s).unwrap();
+        }
+        std::fs::write(dir.join("a.out.log.2026-05.gz"), "5").unwrap();
+        prune(&base, 2);
+        let left: Vec<String> = rotated_files(&base).iter().map(|p| file_name(p)).collect();
+        assert_eq!(left, vec!["a.out.log.2026-04", "a.out.log.2026-05.gz"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

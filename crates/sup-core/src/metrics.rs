@@ -73,6 +73,7 @@ pub struct Metrics {
     tree_rss: Family<Worker, Gauge>,
     state: Family<WorkerStateLabels, Gauge>,
     worker_restarts: Family<Worker, Gauge>,
+    log_lines_lost: Family<App, Gauge>,
     own_rss: Gauge,
 }
 
@@ -99,6 +100,7 @@ impl Metrics {
             tree_rss: Family::default(),
             state: Family::default(),
             worker_restarts: Family::default(),
+            log_lines_lost: Family::default(),
             own_rss: Gauge::default(),
             registry: Registry::default(),
         };
@@ -110,6 +112,7 @@ impl Metrics {
         registry.register("worker_tree_rss_bytes", "Resident memory of the worker's process tree", m.tree_rss.clone());
         registry.register("worker_state", "1 for the slot's current state", m.state.clone());
         registry.register("worker_restarts", "Restarts of the slot so far", m.worker_restarts.clone());
+        registry.register("log_lines_lost", "Output lines that could not be written", m.log_lines_lost.clone());
         registry.register("supd_rss_bytes", "Resident memory of supd itself", m.own_rss.clone());
         Metrics { registry, ..m }
     }
@@ -140,6 +143,7 @@ impl Metrics {
         self.state.clear();
         if let Ok(status) = sup.status(None) {
             for app in status.apps {
+                self.log_lines_lost.get_or_create(&App { app: app.name.clone() }).set(app.log_lines_lost as i64);
                 for i in app.instances {
                     let w = Worker { app: app.name.clone(), slot: i.slot.to_string() };
                     if let Some(c) = i.cpu_seconds {

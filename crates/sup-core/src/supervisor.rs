@@ -288,6 +288,18 @@ impl Supervisor {
         sup_config::load(&self.config_path()).map_err(|e| ApiError::InvalidConfig(e.to_string()))
     }
 
+    /// The app named `name`.
+    pub fn app(&self, name: &str) -> Result<Arc<App>, ApiError> {
+        self.find(name)
+    }
+
+    /// Reopens every app's log files (after an external logrotate).
+    pub fn reopen_logs(&self) {
+        for app in self.apps() {
+            app.logs().reopen();
+        }
+    }
+
     /// Stops every app gracefully, in parallel; returns when every worker has exited.
     pub async fn shutdown(&self) {
         let tasks: Vec<_> =
@@ -307,7 +319,7 @@ impl Supervisor {
 
 impl Shared {
     fn new_app(&self, cfg: AppConfig) -> Result<Arc<App>, crate::listeners::ListenError> {
-        let logs = AppLogs::open(&self.log_dir, &cfg.name).map_err(|e| crate::listeners::ListenError {
+        let logs = AppLogs::open(&self.log_dir, &cfg.name, &cfg.logs).map_err(|e| crate::listeners::ListenError {
             app: cfg.name.clone(),
             addr: self.log_dir.display().to_string(),
             reason: format!("cannot open log files: {e}"),

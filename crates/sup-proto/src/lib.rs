@@ -87,6 +87,9 @@ pub struct StatusResponse {
 pub struct AppStatus {
     /// The app's name (`[apps.NAME]`).
     pub name: String,
+    /// Output lines that could not be written (disk full, I/O errors) since supd started.
+    #[serde(default)]
+    pub log_lines_lost: u64,
     /// One entry per instance slot.
     pub instances: Vec<InstanceStatus>,
     /// A rollout in progress, if any (e.g. "reload").
@@ -268,6 +271,21 @@ impl ActionResponse {
     }
 }
 
+/// One captured output line, as `GET /v1/logs` streams it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// RFC 3339 time the line was read.
+    pub ts: String,
+    /// The app.
+    pub app: String,
+    /// The slot of the worker that wrote it.
+    pub instance: u32,
+    /// `out` or `err`.
+    pub stream: String,
+    /// The line, without its newline.
+    pub msg: String,
+}
+
 /// JSON body of every error answer: `{"error":{"code":…,"message":…}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -300,6 +318,7 @@ mod tests {
         let s = StatusResponse {
             apps: vec![AppStatus {
                 name: "web".into(),
+                log_lines_lost: 0,
                 rollout: None,
                 instances: vec![InstanceStatus {
                     slot: 0,

@@ -93,11 +93,26 @@ impl Client {
         &self,
         path: &str,
         body: &B,
-        mut on_line: impl FnMut(T),
+        on_line: impl FnMut(T),
     ) -> Result<(), ClientError> {
         let body = serde_json::to_vec(body).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.stream_with(Method::POST, path, Bytes::from(body), on_line)
+    }
+
+    /// `GET path` answered by newline-delimited JSON, as it arrives.
+    pub fn stream_get<T: DeserializeOwned>(&self, path: &str, on_line: impl FnMut(T)) -> Result<(), ClientError> {
+        self.stream_with(Method::GET, path, Bytes::new(), on_line)
+    }
+
+    fn stream_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        mut on_line: impl FnMut(T),
+    ) -> Result<(), ClientError> {
         self.rt.block_on(async {
-            let resp = self.send(Method::POST, path, Bytes::from(body)).await?;
+            let resp = self.send(method, path, body).await?;
             let broken = |e: hyper::Error| ClientError::Protocol(format!("control connection failed: {e}"));
             let mut body = resp.into_body();
             let mut pending: Vec<u8> = Vec::new();

@@ -39,6 +39,32 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show an app's output: the last lines, then (-f) new ones as they come. `supctl logs reopen` reopens every log file (for an external logrotate).
+    Logs {
+        /// The app, or `reopen`.
+        app: String,
+        /// Lines to show from the files.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+        /// Keep following new lines (Ctrl-C stops).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only stderr.
+        #[arg(long, conflicts_with = "out")]
+        err: bool,
+        /// Only stdout.
+        #[arg(long)]
+        out: bool,
+        /// Only this slot.
+        #[arg(long)]
+        instance: Option<u32>,
+        /// Only lines newer than this, e.g. 10m.
+        #[arg(long, value_parser = sup_config::parse_duration)]
+        since: Option<std::time::Duration>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// A live, refreshing view of every worker's CPU and memory (q or Ctrl-C quits).
     #[command(visible_alias = "monit")]
     Top {
@@ -141,6 +167,28 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
             } else {
                 output::print_status(&status);
             }
+            Ok(exit::OK)
+        }
+        Command::Logs { app, lines, follow, err, out, instance, since, json } => {
+            if app == "reopen" {
+                let _: ActionResponse = client.post("/v1/logs/reopen", &serde_json::json!({}))?;
+                println!("log files reopened");
+                return Ok(exit::OK);
+            }
+            let mut q = format!("/v1/logs?app={app}&lines={lines}&follow={}", u8::from(follow));
+            if err {
+                q.push_str("&stream=err");
+            }
+            if out {
+                q.push_str("&stream=out");
+            }
+            if let Some(i) = instance {
+                q.push_str(&format!("&instance={i}"));
+            }
+            if let Some(s) = since {
+                q.push_str(&format!("&since={}", s.as_secs().max(1)));
+            }
+            client.stream_get(&q, |l: sup_proto::LogLine| output::print_log_line(&l, json))?;
             Ok(exit::OK)
         }
         Command::Top { sort, once, interval } => top::run(&client, sort, once, interval).map(|()| exit::OK),

@@ -85,6 +85,19 @@ pub fn uptime(ms: u64) -> String {
     }
 }
 
+/// Prints one captured line; a closed pipe (`| head`) ends the program quietly.
+pub fn print_log_line(l: &sup_proto::LogLine, json: bool) {
+    let mut out = std::io::stdout().lock();
+    let ok = if json {
+        serde_json::to_writer(&mut out, l).is_ok() && writeln!(out).is_ok()
+    } else {
+        writeln!(out, "{} {}#{} {}: {}", l.ts, l.app, l.instance, l.stream, l.msg).is_ok()
+    };
+    if !ok || out.flush().is_err() {
+        std::process::exit(0);
+    }
+}
+
 /// Prints one rollout event as a line for humans.
 pub fn print_event(ev: &RolloutEvent) {
     let line = match ev {

@@ -35,15 +35,25 @@ fn main() -> ExitCode {
     // The default queue preallocates 128,000 slots (about 4 MiB); 4,096 lines
     // is plenty for a daemon that logs transitions, and lossy keeps a stalled
     // stderr from ever blocking the event loop.
+    let sink: Box<dyn std::io::Write + Send> = match &config.supervisor.log_file {
+        Some(path) => match std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            Ok(f) => Box::new(f),
+            Err(e) => {
+                eprintln!("supd: cannot open log_file `{}`: {e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+        None => Box::new(std::io::stderr()),
+    };
     let (writer, _guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(4096)
         .lossy(true)
-        .finish(std::io::stderr());
+        .finish(sink);
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| "info".into()))
         .with_writer(writer)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(config.supervisor.log_file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     // Orphaned grandchildren come back to us, so we can reap them and none outlives supd.
@@ -106,10 +116,15 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     tracing::info!(socket = %sc.control_socket.display(), "supd {} running {} apps", env!("CARGO_PKG_VERSION"), sup.apps().len());
 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping all apps"); break }
             _ = int.recv() => { tracing::info!("SIGINT: stopping all apps"); break }
+            _ = usr1.recv() => {
+                tracing::info!("SIGUSR1: reopening log files");
+                sup.reopen_logs();
+            }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: applying {}", sup.config_path().display());
                 let sup = sup.clone();

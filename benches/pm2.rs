@@ -114,6 +114,94 @@ fn round(pm2: Option<&Pm2>, dir: &Path, mode: Mode) -> (u64, u64, Vec<Duration>)
     (stats.failed, stats.ok, times)
 }
 
+/// CPU seconds (schedstat) and peak RSS (VmHWM, bytes) of `pid`.
+fn cost(pid: u32) -> (f64, u64) {
+    let mut ns = 0u64;
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let s = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (ns as f64 / 1e9, hwm * 1024)
+}
+
+fn dir_bytes(dir: &Path, prefix: &str) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// One worker flooding its stdout for `secs`: MB/s and lines/s on disk, daemon CPU% and peak RSS.
+fn log_round(pm2: Option<&Pm2>, dir: &Path, secs: u64, node: bool) -> (f64, f64, f64, u64) {
+    let flood = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/app/flood.js").display().to_string();
+    let line_bytes = 100.0;
+    match pm2 {
+        None => {
+            let cmd = if node {
+                format!("[\"node\", \"{flood}\"]")
+            } else {
+                format!("[\"{}\", \"--log-flood\", \"--port\", \"{}\"]", bin("sup-demo").display(), free_port())
+            };
+            let d = Daemon::start(&format!(
+                "[apps.flood]\ncommand = {cmd}\nenv = {{ FLOOD_SECONDS = \"{secs}\" }}\nlogs = {{ rotate_size = \"off\" }}\n"
+            ));
+            let logs = d.path("logs");
+            let (c0, _) = cost(d.pid());
+            let b0 = dir_bytes(&logs, "flood.out");
+            std::thread::sleep(Duration::from_secs(secs));
+            let (c1, hwm) = cost(d.pid());
+            let bytes = dir_bytes(&logs, "flood.out") - b0;
+            let r = (
+                bytes as f64 / secs as f64 / 1e6,
+                bytes as f64 / line_bytes / secs as f64,
+                (c1 - c0) / secs as f64 * 100.0,
+                hwm,
+            );
+            drop(d);
+            r
+        }
+        Some(p) => {
+            let eco = dir.join("flood.config.js");
+            std::fs::write(
+                &eco,
+                format!("module.exports = {{ apps: [{{ name: 'flood', script: '{flood}', instances: 1, exec_mode: 'fork', env: {{ FLOOD_SECONDS: '{secs}' }} }}] }};\n"),
+            )
+            .expect("ecosystem");
+            let out = p.cmd(&["start", &eco.display().to_string()]);
+            assert!(out.status.success(), "pm2 start flood");
+            let god: u32 =
+                std::fs::read_to_string(p.home.join("pm2.pid")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+            let logs = p.home.join("logs");
+            let (c0, _) = cost(god);
+            let b0 = dir_bytes(&logs, "flood-out");
+            std::thread::sleep(Duration::from_secs(secs));
+            let (c1, hwm) = cost(god);
+            let bytes = dir_bytes(&logs, "flood-out") - b0;
+            let _ = p.cmd(&["delete", "all"]);
+            (
+                bytes as f64 / secs as f64 / 1e6,
+                bytes as f64 / line_bytes / secs as f64,
+                (c1 - c0) / secs as f64 * 100.0,
+                hwm,
+            )
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -173,6 +261,40 @@ fn main() {
             median(tp.clone()) / median(ts.clone())
         ));
     }
+    let secs = if quick { 5 } else { 10 };
+    let (mut sup_node, mut pm2_node, mut sup_rust) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        sup_node.push(log_round(None, dir.path(), secs, true));
+        pm2_node.push(log_round(Some(&pm2), dir.path(), secs, true));
+        sup_rust.push(log_round(None, dir.path(), secs, false));
+    }
+    let med = |v: &[(f64, f64, f64, u64)], f: fn(&(f64, f64, f64, u64)) -> f64| median(v.iter().map(f).collect());
+    let (sm, pm) = (med(&sup_node, |r| r.0), med(&pm2_node, |r| r.0));
+    rows.push(format!(
+        "| log bytes to disk, one Node worker flooding stdout (MB/s) | {sm:.0} | {pm:.0} | sup/PM2 = {:.1}× |",
+        sm / pm.max(0.001)
+    ));
+    rows.push(format!(
+        "| log lines to disk, same (lines/s) | {:.0} | {:.0} | |",
+        med(&sup_node, |r| r.1),
+        med(&pm2_node, |r| r.1)
+    ));
+    let (sc, pc) = (med(&sup_node, |r| r.2), med(&pm2_node, |r| r.2));
+    rows.push(format!(
+        "| daemon CPU while logging (% of a core) | {sc:.0} | {pc:.0} | PM2/sup = {:.1}× |",
+        pc / sc.max(0.001)
+    ));
+    let (sr, pr) = (med(&sup_node, |r| r.3 as f64) / 1048576.0, med(&pm2_node, |r| r.3 as f64) / 1048576.0);
+    rows.push(format!(
+        "| daemon peak RSS while logging (MiB) | {sr:.1} | {pr:.1} | PM2/sup = {:.1}× |",
+        pr / sr.max(0.001)
+    ));
+    rows.push(format!(
+        "| log bytes to disk, sup-demo --log-flood (Rust writer; supd's ceiling) (MB/s) | {:.0} (supd CPU {:.0} %, peak RSS {:.1} MiB) | – | |",
+        med(&sup_rust, |r| r.0),
+        med(&sup_rust, |r| r.2),
+        med(&sup_rust, |r| r.3 as f64) / 1048576.0
+    ));
     let _ = pm2.cmd(&["kill"]);
     println!("| figure | supd | PM2 | ratio |");
     println!("|---|---|---|---|");

@@ -110,10 +110,16 @@ impl Daemon {
 
     /// Starts supd on an existing config file inside `dir`.
     pub fn start_with(dir: tempfile::TempDir, config: PathBuf, socket: PathBuf) -> Daemon {
+        Daemon::start_env(dir, config, socket, &[])
+    }
+
+    /// Like [`Daemon::start_with`], with extra environment variables for supd.
+    pub fn start_env(dir: tempfile::TempDir, config: PathBuf, socket: PathBuf, env: &[(&str, String)]) -> Daemon {
         let mut child = Command::new(bin("supd"))
             .arg("--config")
             .arg(&config)
             .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

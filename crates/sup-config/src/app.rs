@@ -163,6 +163,13 @@ impl RawApp {
 
         let backoff = self.backoff.unwrap_or_default().build(src, &name)?;
 
+        let watchdog = match self.watchdog {
+            Some(w) if w.get_ref().0 < Duration::from_millis(100) => {
+                return Err(src.error(w.span(), key("watchdog"), "must be at least 100ms".to_string()))
+            }
+            w => w.map(|w| w.into_inner().0),
+        };
+
         let ready = match self.ready {
             None => ReadyCheck::default(),
             Some(r) => {
@@ -196,7 +203,7 @@ impl RawApp {
             restart_window: self.restart_window.map_or(Duration::from_secs(60), |d| d.0),
             memory_limit,
             memory_limit_samples: self.memory_limit_samples.map_or(3, |n| n.0),
-            watchdog: self.watchdog.map(|d| d.0),
+            watchdog,
             reload_parallelism: self.reload_parallelism.map_or(1, |n| n.0),
             user,
             group,

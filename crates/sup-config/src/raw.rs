@@ -72,7 +72,7 @@ pub(crate) struct RawApp {
     pub restart_window: Option<DurationValue>,
     pub memory_limit: Option<Spanned<SizeValue>>,
     pub memory_limit_samples: Option<AtLeastOne>,
-    pub watchdog: Option<DurationValue>,
+    pub watchdog: Option<Spanned<DurationValue>>,
     pub reload_parallelism: Option<AtLeastOne>,
     pub user: Option<Spanned<IdOrName>>,
     pub group: Option<Spanned<IdOrName>>,

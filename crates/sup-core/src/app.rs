@@ -331,6 +331,7 @@ impl App {
         } else if n < current {
             self.remove_slots(n, progress).await;
         }
+        self.ctx.metrics.rollout(&self.name, "scale", true);
         let mut cfg = spec.cfg.clone();
         cfg.instances = n;
         self.inner().spec = Arc::new(AppSpec { cfg, version: spec.version });
@@ -350,6 +351,21 @@ impl App {
         // them, and with net.ipv4.tcp_migrate_req the kernel moves connections
         // still queued in them to the remaining slots.
         self.inner().slots.retain(|s| s.handle.slot < keep);
+    }
+
+    /// Replaces one slot's worker (memory limit) unless another operation runs on the app;
+    /// returns false when it is busy, so the caller tries again at its next sample.
+    pub fn try_replace_slot(self: &Arc<Self>, slot: u32, reason: RestartReason) -> Option<tokio::task::JoinHandle<()>> {
+        let guard = self.op.clone().try_lock_owned().ok()?;
+        let handle = self.slots().into_iter().find(|s| s.slot == slot)?;
+        let spec = self.spec();
+        let name = self.name.clone();
+        Some(tokio::spawn(async move {
+            if let Err(e) = handle.replace(spec, reason).await {
+                tracing::warn!(app = %name, slot, "replacement failed: {e}");
+            }
+            drop(guard);
+        }))
     }
 
     /// A successful result with `message`.
@@ -433,7 +449,7 @@ impl App {
 
 fn reason_kind(r: RestartReason) -> &'static str {
     match r {
-        RestartReason::Config => "config apply",
+        RestartReason::Config => "config",
         _ => "reload",
     }
 }

@@ -156,6 +156,12 @@ impl Reader {
         let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
         let mut partial: Vec<u8> = Vec::new();
         let max_line = self.logs.cfg.max_line;
+        // The part between the time stamp and the message, built once.
+        let mut prefix = format!(" {}#{} ", self.logs.app, self.slot);
+        if self.logs.cfg.combined {
+            prefix.push_str(self.stream.name());
+            prefix.push(' ');
+        }
         loop {
             buf.clear();
             match rx.read_buf(&mut buf).await {
@@ -163,25 +169,32 @@ impl Reader {
                 Ok(_) => {}
             }
             let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-            let mut out = Vec::with_capacity(buf.len() + 64);
+            let mut out = Vec::with_capacity(buf.len() + buf.len() / 2 + 64);
             let mut lines = 0;
+            let mut last: Vec<&[u8]> = Vec::new();
             let mut rest = &buf[..];
-            while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+            while let Some(pos) = memchr(b'\n', rest) {
                 let (line, after) = rest.split_at(pos);
                 if partial.is_empty() {
-                    self.emit(&mut out, &stamp, line);
+                    self.emit(&mut out, &stamp, &prefix, line);
+                    last.push(line);
                 } else {
                     partial.extend_from_slice(line);
                     let whole = std::mem::take(&mut partial);
-                    self.emit(&mut out, &stamp, &whole);
+                    self.emit(&mut out, &stamp, &prefix, &whole);
+                    self.remember(&[&whole]);
                 }
                 lines += 1;
                 rest = &after[1..];
             }
+            // Only the chunk's last lines can end up in the tail.
+            let keep = last.len().saturating_sub(TAIL_LINES);
+            self.remember(&last[keep..]);
             partial.extend_from_slice(rest);
             while partial.len() >= max_line {
                 let line: Vec<u8> = partial.drain(..max_line).collect();
-                self.emit(&mut out, &stamp, &line);
+                self.emit(&mut out, &stamp, &prefix, &line);
+                self.remember(&[&line]);
                 lines += 1;
             }
             if !out.is_empty() && self.logs.tx.send(Chunk { stream: self.stream, data: out, lines }).await.is_err() {
@@ -191,17 +204,25 @@ impl Reader {
         if !partial.is_empty() {
             let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
             let mut out = Vec::new();
-            self.emit(&mut out, &stamp, &partial);
+            self.emit(&mut out, &stamp, &prefix, &partial);
+            self.remember(&[&partial]);
             let _ = self.logs.tx.send(Chunk { stream: self.stream, data: out, lines: 1 }).await;
         }
     }
 
-    fn emit(&self, out: &mut Vec<u8>, stamp: &str, line: &[u8]) {
-        let msg = String::from_utf8_lossy(line);
+    /// Appends one formatted line to `out` (the hot path: no allocation for valid UTF-8 text).
+    fn emit(&self, out: &mut Vec<u8>, stamp: &str, prefix: &str, line: &[u8]) {
         let cfg = &self.logs.cfg;
+        let msg = match std::str::from_utf8(line) {
+            Ok(s) => std::borrow::Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(line),
+        };
         match (cfg.target, cfg.format) {
             (LogTarget::Journald, _) => {
-                out.extend_from_slice(format!("{}\t{}\n", self.slot, msg).as_bytes());
+                out.extend_from_slice(self.slot.to_string().as_bytes());
+                out.push(b'\t');
+                out.extend_from_slice(msg.as_bytes());
+                out.push(b'\n');
             }
             (LogTarget::Files, LogFormat::Json) => {
                 let v = serde_json::json!({
@@ -212,15 +233,7 @@ impl Reader {
             }
             (LogTarget::Files, LogFormat::Text) => {
                 out.extend_from_slice(stamp.as_bytes());
-                out.push(b' ');
-                out.extend_from_slice(self.logs.app.as_bytes());
-                out.push(b'#');
-                out.extend_from_slice(self.slot.to_string().as_bytes());
-                out.push(b' ');
-                if cfg.combined {
-                    out.extend_from_slice(self.stream.name().as_bytes());
-                    out.push(b' ');
-                }
+                out.extend_from_slice(prefix.as_bytes());
                 out.extend_from_slice(msg.as_bytes());
                 out.push(b'\n');
             }
@@ -231,15 +244,29 @@ impl Reader {
                 app: self.logs.app.to_string(),
                 instance: self.slot,
                 stream: self.stream.name().to_string(),
-                msg: msg.to_string(),
+                msg: msg.into_owned(),
             }));
         }
-        let mut t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
-        if t.len() == TAIL_LINES {
-            t.pop_front();
-        }
-        t.push_back(msg.chars().take(512).collect());
     }
+
+    /// Keeps the newest lines for failure reports.
+    fn remember(&self, lines: &[&[u8]]) {
+        if lines.is_empty() {
+            return;
+        }
+        let mut t = self.tail.lock().unwrap_or_else(|e| e.into_inner());
+        for line in lines {
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(String::from_utf8_lossy(&line[..line.len().min(512)]).into_owned());
+        }
+    }
+}
+
+/// Position of the first `b` in `s`.
+fn memchr(b: u8, s: &[u8]) -> Option<usize> {
+    s.iter().position(|&c| c == b)
 }
 
 /// One file being written.

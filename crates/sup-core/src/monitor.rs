@@ -39,6 +39,9 @@ struct SlotTrack {
     // open file costs a fraction of opening it again every second.
     tree: Vec<(i32, std::fs::File)>,
     rescan_in: u32,
+    // Set when the tree's membership changed: its tick total is not comparable.
+    changed: bool,
+    last_cpu: f64,
     ticks: u64,
     at: Option<Instant>,
     over: u32,
@@ -69,12 +72,15 @@ pub fn start(sup: Weak<Supervisor>, samples: Samples, interval: Duration) {
                     let Some((ticks, rss, tree_rss)) = track.sample(pid, page) else { continue };
                     let now = Instant::now();
                     let cpu_percent = match track.at {
+                        _ if track.changed => track.last_cpu,
                         Some(at) if track.pid == pid && ticks >= track.ticks => {
                             let secs = now.duration_since(at).as_secs_f64().max(1e-3);
                             (ticks - track.ticks) as f64 / clk / secs * 100.0
                         }
                         _ => 0.0,
                     };
+                    track.changed = false;
+                    track.last_cpu = cpu_percent;
                     if track.pid != pid {
                         track.over = 0;
                     }
@@ -119,14 +125,16 @@ pub fn start(sup: Weak<Supervisor>, samples: Samples, interval: Duration) {
                         "memory {} MiB over the limit of {} MiB for {} samples: replacing the worker",
                         tree_rss >> 20, limit >> 20, spec.cfg.memory_limit_samples
                     );
+                    // Through the app's operation lock, so it never races a reload.
+                    let Some(task) = app.try_replace_slot(slot.slot, RestartReason::Memory) else {
+                        tracing::info!(app = %app.name, slot = slot.slot, "memory replacement waits for the operation in progress");
+                        track.next_allowed = None;
+                        continue;
+                    };
                     let flag = track.replacing.clone();
                     flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                    let done = slot.replace(app.spec(), RestartReason::Memory);
-                    let name = app.name.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = done.await {
-                            tracing::warn!(app = %name, "memory replacement failed: {e}");
-                        }
+                        let _ = task.await;
                         flag.store(false, std::sync::atomic::Ordering::SeqCst);
                     });
                 }
@@ -144,9 +152,12 @@ impl SlotTrack {
     /// CPU ticks of the tree, RSS of `pid`, RSS of the tree.
     fn sample(&mut self, pid: i32, page: u64) -> Option<(u64, u64, u64)> {
         if self.pid != pid || self.rescan_in == 0 || self.tree.is_empty() {
+            let before: Vec<i32> = self.tree.iter().map(|(p, _)| *p).collect();
             self.tree = tree_pids(pid).into_iter().filter_map(|p| open_stat(p).map(|f| (p, f))).collect();
+            self.changed = before != self.tree.iter().map(|(p, _)| *p).collect::<Vec<_>>();
             self.rescan_in = RESCAN_EVERY;
         }
+        let members = self.tree.len();
         self.rescan_in -= 1;
         let mut buf = [0u8; 1024];
         let mut main = None;
@@ -162,6 +173,9 @@ impl SlotTrack {
             }
             true
         });
+        if self.tree.len() != members {
+            self.changed = true;
+        }
         main.map(|rss| (ticks, rss, tree_rss))
     }
 }

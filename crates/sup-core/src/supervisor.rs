@@ -78,6 +78,7 @@ pub struct Supervisor {
     shared: Shared,
     // Serialises config apply with itself; per-app operations have their own lock.
     apply: tokio::sync::Mutex<()>,
+    initial: Mutex<Vec<tokio::task::JoinHandle<AppResult>>>,
 }
 
 /// Variables meant for supd itself, never passed on to workers.
@@ -110,14 +111,44 @@ impl Supervisor {
             config: Mutex::new(config),
             shared,
             apply: tokio::sync::Mutex::new(()),
+            initial: Mutex::new(Vec::new()),
         });
         crate::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
+        let mut starts = Vec::new();
         for app in sup.apps() {
             if app.spec().cfg.autostart {
-                spawn_start(app);
+                starts.push(spawn_start(app));
             }
         }
+        *sup.initial.lock().unwrap_or_else(|e| e.into_inner()) = starts;
         Ok(sup)
+    }
+
+    /// Waits until every autostart app's first start has finished (ready or failed).
+    pub async fn started(&self) -> Vec<AppResult> {
+        let starts = std::mem::take(&mut *self.initial.lock().unwrap_or_else(|e| e.into_inner()));
+        join(starts).await
+    }
+
+    /// One line for systemd's STATUS=: apps, workers ready, and what is wrong.
+    pub fn summary(&self) -> String {
+        let apps = self.apps();
+        let (mut ready, mut total, mut errored) = (0, 0, Vec::new());
+        for app in &apps {
+            for slot in app.slots() {
+                total += 1;
+                match slot.view.borrow().state {
+                    sup_proto::WorkerState::Ready => ready += 1,
+                    sup_proto::WorkerState::Errored => errored.push(format!("{}#{}", app.name, slot.slot)),
+                    _ => {}
+                }
+            }
+        }
+        let mut s = format!("{} apps, {ready}/{total} workers ready", apps.len());
+        if !errored.is_empty() {
+            s.push_str(&format!("; errored: {}", errored.join(", ")));
+        }
+        s
     }
 
     /// The apps, in configuration order.
@@ -358,13 +389,14 @@ async fn apply_change(app: Arc<App>, current: AppConfig, cfg: AppConfig, progres
     AppResult { app: app.name.clone(), ok: true, message: messages.join("; ") }
 }
 
-fn spawn_start(app: Arc<App>) {
+fn spawn_start(app: Arc<App>) -> tokio::task::JoinHandle<AppResult> {
     tokio::spawn(async move {
         let r = app.start(true).await;
         if !r.ok {
             tracing::warn!(app = %r.app, "start failed: {}", r.message);
         }
-    });
+        r
+    })
 }
 
 async fn join(tasks: Vec<tokio::task::JoinHandle<AppResult>>) -> Vec<AppResult> {

@@ -297,7 +297,6 @@ impl Watch {
                                 *dl = tokio::time::Instant::now() + w;
                             },
                             NotifyMsg::WatchdogTrigger if watchdog_deadline.is_some() => {
-                                watchdog_deadline = None;
                                 self.send(WorkerEventKind::WatchdogMissed);
                             }
                             NotifyMsg::ExtendTimeout(d) => if let Some(dl) = ready_deadline.as_mut() {
@@ -323,7 +322,8 @@ impl Watch {
                     }
                 }
                 _ = sleep_until(watchdog_deadline.unwrap_or_else(far)), if watchdog_deadline.is_some() && kill_deadline.is_none() => {
-                    watchdog_deadline = None;
+                    // Re-armed: if the replacement cannot happen now, it is asked for again.
+                    watchdog_deadline = self.watchdog.map(|w| tokio::time::Instant::now() + w);
                     tracing::warn!(pid = self.pid, "no WATCHDOG=1 within {}", humantime::format_duration(self.watchdog.unwrap_or_default()));
                     self.send(WorkerEventKind::WatchdogMissed);
                 }

@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod sdnotify;
+
 use clap::Parser;
 use sup_core::control::{self, Access};
 use sup_core::Supervisor;
@@ -113,6 +115,42 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     let access =
         Access { owner: nix::unistd::geteuid().as_raw(), group: sc.control_socket_group.as_ref().map(|g| g.gid) };
     let server = tokio::spawn(control::serve(sup.clone(), listener, access));
+    let notifier = Arc::new(sdnotify::Notifier::from_env());
+    {
+        let (sup, notifier) = (sup.clone(), notifier.clone());
+        tokio::spawn(async move {
+            let results = sup.started().await;
+            let failed: Vec<String> = results.iter().filter(|r| !r.ok).map(|r| r.app.clone()).collect();
+            let mut status = sup.summary();
+            if !failed.is_empty() {
+                status.push_str(&format!("; failed to start: {}", failed.join(", ")));
+            }
+            tracing::info!("all autostart apps started: {status}");
+            notifier.send(&format!("READY=1\nSTATUS={status}"));
+            // Keep STATUS= current for `systemctl status`.
+            let mut last = status;
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                let now = sup.summary();
+                if now != last {
+                    notifier.send(&format!("STATUS={now}"));
+                    last = now;
+                }
+            }
+        });
+    }
+    if let Some(period) = notifier.watchdog {
+        let notifier = notifier.clone();
+        // Sent from the event loop itself: if it stalls, the pings stop and systemd acts.
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                notifier.send("WATCHDOG=1");
+            }
+        });
+    }
     tracing::info!(socket = %sc.control_socket.display(), "supd {} running {} apps", env!("CARGO_PKG_VERSION"), sup.apps().len());
 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
@@ -127,11 +165,16 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             }
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: applying {}", sup.config_path().display());
-                let sup = sup.clone();
-                tokio::spawn(async move { apply_config(&sup).await });
+                let (sup, notifier) = (sup.clone(), notifier.clone());
+                tokio::spawn(async move {
+                    notifier.reloading("applying the configuration");
+                    let outcome = apply_config(&sup).await;
+                    notifier.send(&format!("READY=1\nSTATUS={}{}", outcome, sup.summary()));
+                });
             }
         }
     }
+    notifier.send("STOPPING=1\nSTATUS=stopping all apps");
     let stopping = Arc::clone(&sup);
     let graceful = tokio::spawn(async move { stopping.shutdown().await });
     tokio::pin!(graceful);
@@ -150,27 +193,40 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     Ok(())
 }
 
-/// `supctl config apply`, on SIGHUP: progress and outcome go to the log.
-async fn apply_config(sup: &Supervisor) {
+/// `supctl config apply`, on SIGHUP: progress and outcome go to the log; the
+/// returned prefix for STATUS= names a failure.
+async fn apply_config(sup: &Supervisor) -> String {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let log = tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             tracing::info!("config apply: {ev:?}");
         }
     });
-    match sup.apply(tx).await {
+    let outcome = match sup.apply(tx).await {
         Ok(r) => {
+            let mut failed = Vec::new();
             for res in r.results {
                 if res.ok {
                     tracing::info!(app = %res.app, "config apply: {}", res.message);
                 } else {
                     tracing::warn!(app = %res.app, "config apply failed: {}", res.message);
+                    failed.push(res.app);
                 }
             }
+            if failed.is_empty() {
+                String::new()
+            } else {
+                format!("config apply failed for {}; ", failed.join(", "))
+            }
         }
-        Err(e) => tracing::error!("config apply: {e}"),
-    }
+        Err(e) => {
+            tracing::error!("config apply: {e}");
+            let first = e.to_string().lines().next().unwrap_or("").chars().take(200).collect::<String>();
+            format!("config NOT applied: {first}; ")
+        }
+    };
     let _ = log.await;
+    outcome
 }
 
 /// SIGKILLs any descendant that escaped its process group and was re-parented to us.

@@ -1,0 +1,55 @@
+//! supd's side of the sd_notify protocol, talking to systemd.
+//!
+//! `Type=notify-reload`: READY=1 once every autostart app has started (or
+//! definitively failed), RELOADING=1 with MONOTONIC_USEC on SIGHUP and READY=1
+//! when the reload is done, STOPPING=1 on shutdown, a STATUS= summary, and
+//! WATCHDOG=1 from a timer on the event loop, so a stuck loop stops the pings.
+
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+/// A connection to systemd's notify socket, if supd runs under one.
+pub struct Notifier {
+    sock: Option<(UnixDatagram, std::os::unix::net::SocketAddr)>,
+    /// Half of WATCHDOG_USEC, when systemd wants pings from us.
+    pub watchdog: Option<Duration>,
+}
+
+impl Notifier {
+    /// Reads NOTIFY_SOCKET and WATCHDOG_USEC/WATCHDOG_PID from supd's environment.
+    pub fn from_env() -> Notifier {
+        let sock = std::env::var("NOTIFY_SOCKET").ok().and_then(|path| {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = match path.strip_prefix('@') {
+                Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).ok()?,
+                None => std::os::unix::net::SocketAddr::from_pathname(&path).ok()?,
+            };
+            Some((UnixDatagram::unbound().ok()?, addr))
+        });
+        let for_us = std::env::var("WATCHDOG_PID").map_or(true, |p| p.trim() == std::process::id().to_string());
+        let watchdog = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|u| u.parse::<u64>().ok())
+            .filter(|u| *u > 0 && for_us)
+            .map(|u| Duration::from_micros(u / 2));
+        Notifier { sock, watchdog }
+    }
+
+    /// Sends one message; a missing socket is not an error (supd runs in the foreground).
+    pub fn send(&self, msg: &str) {
+        if let Some((sock, addr)) = &self.sock {
+            if let Err(e) = sock.send_to_addr(msg.as_bytes(), addr) {
+                tracing::warn!("sd_notify failed: {e}");
+            }
+        }
+    }
+
+    /// RELOADING=1 with the monotonic timestamp systemd requires for notify-reload.
+    pub fn reloading(&self, status: &str) {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: clock_gettime writes into the timespec we own.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let usec = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={status}"));
+    }
+}

@@ -1,0 +1,80 @@
+//! supd's sd_notify conversation with its service manager, checked against a
+//! notify socket the test owns (the real-systemd test is in `systemd.rs`).
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use sup::*;
+
+struct Manager {
+    sock: UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl Manager {
+    /// Waits for a datagram containing `needle`; returns it.
+    fn expect(&mut self, needle: &str) -> String {
+        let start = Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            if let Some(m) = self.seen.iter().position(|m| m.contains(needle)) {
+                return self.seen.remove(m);
+            }
+            assert!(start.elapsed() < DEADLINE, "no `{needle}` from supd; got {:?}", self.seen);
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                self.seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+    }
+}
+
+#[test]
+fn supd_tells_its_manager_ready_reloading_stopping_and_pings_the_watchdog() {
+    let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("tempdir");
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+    let mut mgr = Manager { sock, seen: Vec::new() };
+    let port = free_port();
+    let config = dir.path().join("supervisor.toml");
+    let apps = |extra: &str| {
+        format!(
+            "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\n\n[apps.web]\ncommand = [\"{}\", \"--start-delay\", \"300ms\"]\ninstances = 2\nready = \"notify\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}",
+            bin("sup-demo").display()
+        )
+    };
+    std::fs::write(&config, apps("")).expect("write");
+    let socket = dir.path().join("run/control.sock");
+    let d = Daemon::start_env(
+        dir,
+        config.clone(),
+        socket,
+        &[("NOTIFY_SOCKET", notify.display().to_string()), ("WATCHDOG_USEC", "400000".into())],
+    );
+    let ready = mgr.expect("READY=1");
+    // READY=1 comes only once the workers are ready.
+    assert!(d.instances("web").iter().all(|i| i.state == WorkerState::Ready));
+    assert!(ready.contains("STATUS=1 apps, 2/2 workers ready"), "{ready}");
+    mgr.expect("WATCHDOG=1");
+    mgr.expect("WATCHDOG=1");
+    let before: Vec<_> = d.instances("web").iter().map(|i| i.pid).collect();
+    std::fs::write(&config, apps("env = { RELEASE = \"2\" }\n")).expect("rewrite");
+    d.signal(libc::SIGHUP);
+    let reloading = mgr.expect("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    let done = mgr.expect("READY=1");
+    assert!(done.contains("2/2 workers ready"), "{done}");
+    let after: Vec<_> = d.instances("web").iter().map(|i| i.pid).collect();
+    assert!(before.iter().zip(&after).all(|(a, b)| a != b), "the reload rolled every worker before READY=1");
+    // An invalid file keeps everything running and says so.
+    std::fs::write(&config, format!("{}bogus = 1\n", apps(""))).expect("rewrite");
+    d.signal(libc::SIGHUP);
+    mgr.expect("RELOADING=1");
+    let refused = mgr.expect("READY=1");
+    assert!(refused.contains("config NOT applied"), "{refused}");
+    assert_eq!(d.instances("web").iter().map(|i| i.pid).collect::<Vec<_>>(), after);
+    d.signal(libc::SIGTERM);
+    mgr.expect("STOPPING=1");
+    let status = d.wait_exit();
+    assert_eq!(status.code(), Some(0));
+}

@@ -394,19 +394,33 @@ fn rotate(sink: &mut Sink, cfg: &LogConfig) -> std::io::Result<()> {
     sink.file.flush()?;
     std::fs::rename(&sink.path, &rotated)?;
     *sink = Sink::open(sink.path.clone())?;
-    let keep = cfg.keep as usize;
-    let compress = cfg.compress;
-    let base = sink.path.clone();
-    // Compression and pruning happen off the capture path.
-    std::thread::Builder::new().name("sup-log-rotate".into()).spawn(move || {
-        if compress {
-            if let Err(e) = gzip(&rotated) {
-                tracing::warn!("cannot compress {}: {e}", rotated.display());
-            }
-        }
-        prune(&base, keep);
-    })?;
+    janitor().send((rotated, sink.path.clone(), cfg.keep as usize, cfg.compress)).ok();
     Ok(())
+}
+
+type Job = (PathBuf, PathBuf, usize, bool);
+
+/// Compression and pruning, off the capture path and one job at a time, so
+/// that pruning never races a compression in progress.
+fn janitor() -> &'static std::sync::mpsc::Sender<Job> {
+    static TX: std::sync::OnceLock<std::sync::mpsc::Sender<Job>> = std::sync::OnceLock::new();
+    TX.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let spawned = std::thread::Builder::new().name("sup-log-janitor".into()).spawn(move || {
+            for (rotated, base, keep, compress) in rx {
+                if compress {
+                    if let Err(e) = gzip(&rotated) {
+                        tracing::warn!("cannot compress {}: {e}", rotated.display());
+                    }
+                }
+                prune(&base, keep);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the log janitor: {e}; rotated logs are neither compressed nor pruned");
+        }
+        tx
+    })
 }
 
 fn file_name(p: &Path) -> String {

@@ -276,6 +276,12 @@ fn workers_get_the_environment_of_the_protocol_and_the_config() {
     let first = text.lines().next().unwrap_or("");
     assert!(first.len() > 24 && first.as_bytes()[4] == b'-' && first.contains('T'), "{first}");
     assert!(!d.log().contains("s3cret"), "secrets from env files never reach supd's log");
+    // The env file was written with the default umask (world-readable).
+    d.wait_log("is readable by every user", DEADLINE);
+    let out =
+        std::process::Command::new(bin("supctl")).args(["config", "check"]).arg(&d.config).output().expect("supctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("warning: app `env`: env_file") && !err.contains("s3cret"), "{err}");
 }
 
 #[test]

@@ -291,3 +291,23 @@ instancs = 4
         assert!(cfg.path.ends_with("sup.toml"));
     }
 }
+
+/// Things that are allowed but probably unwanted, for `config check` and supd's log.
+pub fn warnings(cfg: &Config) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for app in &cfg.apps {
+        if let Some(f) = &app.env_file {
+            if let Ok(meta) = std::fs::metadata(f) {
+                if meta.permissions().mode() & 0o004 != 0 {
+                    out.push(format!(
+                        "app `{}`: env_file `{}` is readable by every user; it may hold secrets: chmod o-r it",
+                        app.name,
+                        f.display()
+                    ));
+                }
+            }
+        }
+    }
+    out
+}

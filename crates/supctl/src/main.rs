@@ -145,6 +145,9 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         let path = file.clone().or(cli.config.clone()).unwrap_or_else(|| PathBuf::from("supervisor.toml"));
         return Ok(match sup_config::load(&path) {
             Ok(cfg) => {
+                for w in sup_config::warnings(&cfg) {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: {}", path.display(), sup_config::check_message(&cfg));
                 exit::OK
             }

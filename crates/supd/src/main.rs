@@ -58,6 +58,9 @@ fn main() -> ExitCode {
         .with_ansi(config.supervisor.log_file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
+    for w in sup_config::warnings(&config) {
+        tracing::warn!("{w}");
+    }
     // Orphaned grandchildren come back to us, so we can reap them and none outlives supd.
     // SAFETY: prctl with these arguments has no memory-safety preconditions.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };

@@ -55,27 +55,42 @@ fn app_js() -> String {
 }
 
 fn start_supd(port: u16) -> Daemon {
+    start_supd_n(port, INSTANCES)
+}
+
+fn start_supd_n(port: u16, n: usize) -> Daemon {
     let d = Daemon::start(&format!(
-        "[apps.app]\ncommand = [\"node\", \"{}\"]\ninstances = {INSTANCES}\nready = \"notify\"\nstop_timeout = \"5s\"\nlisten = [\"127.0.0.1:{port}\"]\n",
+        "[apps.app]\ncommand = [\"node\", \"{}\"]\ninstances = {n}\nready = \"notify\"\nready_timeout = \"120s\"\nstop_timeout = \"5s\"\nlisten = [\"127.0.0.1:{port}\"]\n",
         app_js()
     ));
-    d.wait_ready("app", INSTANCES);
+    wait_until_long(&format!("{n} supd workers ready"), || {
+        let i = d.instances("app");
+        (i.len() == n && i.iter().all(|i| i.state == WorkerState::Ready)).then_some(())
+    });
     d
 }
 
+fn wait_until_long<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    wait_until(what, Duration::from_secs(600), f)
+}
+
 fn start_pm2(pm2: &Pm2, dir: &Path, port: u16) {
+    start_pm2_n(pm2, dir, port, INSTANCES);
+}
+
+fn start_pm2_n(pm2: &Pm2, dir: &Path, port: u16, n: usize) {
     let eco = dir.join("ecosystem.config.js");
     std::fs::write(
         &eco,
         format!(
-            "module.exports = {{ apps: [{{ name: 'app', script: '{}', instances: {INSTANCES}, exec_mode: 'cluster', wait_ready: true, listen_timeout: 5000, kill_timeout: 5000, env: {{ PORT: '{port}' }} }}] }};\n",
+            "module.exports = {{ apps: [{{ name: 'app', script: '{}', instances: {n}, exec_mode: 'cluster', wait_ready: true, listen_timeout: 60000, kill_timeout: 5000, env: {{ PORT: '{port}' }} }}] }};\n",
             app_js()
         ),
     )
     .expect("write ecosystem file");
     let out = pm2.cmd(&["start", &eco.display().to_string()]);
     assert!(out.status.success(), "pm2 start: {}", String::from_utf8_lossy(&out.stderr));
-    wait_until("PM2 workers online", DEADLINE, || (pm2.online() == INSTANCES).then_some(()));
+    wait_until_long("PM2 workers online", || (pm2.online() == n).then_some(()));
     wait_until("PM2 app answering", DEADLINE, || http_get(port, "/").ok().filter(|r| r.0 == 200).map(|_| ()));
 }
 
@@ -202,6 +217,210 @@ fn log_round(pm2: Option<&Pm2>, dir: &Path, secs: u64, node: bool) -> (f64, f64,
     }
 }
 
+fn pss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn god(p: &Pm2) -> u32 {
+    std::fs::read_to_string(p.home.join("pm2.pid")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+fn pm2_pids(p: &Pm2) -> Vec<u32> {
+    let out = p.cmd(&["jlist"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    v.as_array().map_or(Vec::new(), |a| a.iter().filter_map(|x| x["pid"].as_u64()).map(|p| p as u32).collect())
+}
+
+/// Median wall time of `f` over `n` calls, ms.
+fn time_ms(n: usize, mut f: impl FnMut()) -> f64 {
+    median(
+        (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect(),
+    )
+}
+
+/// Per supervisor, per worker count: (RSS MiB, PSS MiB, idle CPU %, CLI ms).
+fn costs(pm2: Option<&Pm2>, dir: &Path, n: usize, idle_secs: u64) -> (f64, f64, f64, f64) {
+    let port = free_port();
+    let (pid, daemon) = match pm2 {
+        None => {
+            let d = start_supd_n(port, n);
+            (d.pid(), Some(d))
+        }
+        Some(p) => {
+            start_pm2_n(p, dir, port, n);
+            (god(p), None)
+        }
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let rss = rss_kib(pid) as f64 / 1024.0;
+    let pss = pss_kib(pid) as f64 / 1024.0;
+    let (c0, _) = cost(pid);
+    std::thread::sleep(Duration::from_secs(idle_secs));
+    let (c1, _) = cost(pid);
+    let cpu = (c1 - c0) / idle_secs as f64 * 100.0;
+    let cli = match (&daemon, pm2) {
+        (Some(d), _) => time_ms(9, || {
+            let _ = d.supctl(&["status", "--json"]);
+        }),
+        (None, Some(p)) => time_ms(9, || {
+            let _ = p.cmd(&["jlist"]);
+        }),
+        _ => f64::NAN,
+    };
+    if let Some(p) = pm2 {
+        let _ = p.cmd(&["delete", "all"]);
+    }
+    drop(daemon);
+    (rss, pss, cpu, cli)
+}
+
+/// kill -9 of one of 4 workers until a new pid answers on the port, ms (median of `runs`).
+fn crash(pm2: Option<&Pm2>, dir: &Path, runs: usize) -> f64 {
+    let port = free_port();
+    let daemon = match pm2 {
+        None => Some(start_supd(port)),
+        Some(p) => {
+            start_pm2(p, dir, port);
+            None
+        }
+    };
+    let pids = || match (&daemon, pm2) {
+        (Some(d), _) => d.instances("app").iter().filter_map(|i| i.pid).collect::<Vec<u32>>(),
+        (None, Some(p)) => pm2_pids(p),
+        _ => Vec::new(),
+    };
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let before = wait_until_long("4 workers", || Some(pids()).filter(|p| p.len() == INSTANCES));
+        let t0 = Instant::now();
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(before[0] as i32, libc::SIGKILL) };
+        wait_until_long("a new pid answering", || {
+            let (_, body) = http_get(port, "/").ok()?;
+            let pid: u32 = body.split("pid=").nth(1)?.split_whitespace().next()?.parse().ok()?;
+            (!before.contains(&pid)).then_some(())
+        });
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    if let Some(p) = pm2 {
+        let _ = p.cmd(&["delete", "all"]);
+    }
+    drop(daemon);
+    median(times)
+}
+
+/// wrk on loopback: (requests/s, p99 ms).
+fn wrk(port: u16, secs: u64) -> (f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c64", &format!("-d{secs}s"), "--latency"])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .stdin(Stdio::null())
+        .output();
+    let Ok(out) = out else { return (f64::NAN, f64::NAN) };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(f64::NAN);
+    let p99 = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("99%"))
+        .map(|v| v.trim().to_string())
+        .map(|v| {
+            let num: f64 = v.trim_end_matches(|c: char| c.is_alphabetic()).parse().unwrap_or(f64::NAN);
+            if v.ends_with("us") {
+                num / 1000.0
+            } else if v.ends_with("ms") {
+                num
+            } else if v.ends_with('s') {
+                num * 1000.0
+            } else {
+                num
+            }
+        })
+        .unwrap_or(f64::NAN);
+    (rps, p99)
+}
+
+/// The same 4 Node processes on one shared socket, with no supervisor.
+fn reference(port: u16, secs: u64) -> (f64, f64) {
+    let script = format!(
+        "import os,socket,time\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1',{port})); s.listen(1024)\nkids=[]\nfor i in range({INSTANCES}):\n    pid=os.fork()\n    if pid==0:\n        os.dup2(s.fileno(),3); os.set_inheritable(3,True)\n        env=dict(os.environ, LISTEN_FDS='1', LISTEN_PID=str(os.getpid()), SUP_INSTANCE=str(i))\n        os.execvpe('node',['node','{}'],env)\n    kids.append(pid)\ntime.sleep({})\nfor k in kids: os.kill(k,9)\n",
+        app_js(),
+        secs + 4
+    );
+    let mut launcher = Command::new("python3").args(["-c", &script]).stdin(Stdio::null()).spawn().expect("python3");
+    wait_until_long("the reference cluster", || http_get(port, "/").ok().filter(|r| r.0 == 200).map(|_| ()));
+    let r = wrk(port, secs);
+    let _ = launcher.wait();
+    r
+}
+
+fn throughput(pm2: Option<&Pm2>, dir: &Path, secs: u64) -> (f64, f64) {
+    let port = free_port();
+    let daemon = match pm2 {
+        None => Some(start_supd(port)),
+        Some(p) => {
+            start_pm2(p, dir, port);
+            None
+        }
+    };
+    let r = wrk(port, secs);
+    if let Some(p) = pm2 {
+        let _ = p.cmd(&["delete", "all"]);
+    }
+    drop(daemon);
+    r
+}
+
+/// `n` trivial workers (`sleep`): seconds until all are up, and daemon RSS after.
+fn many(pm2: Option<&Pm2>, dir: &Path, n: usize) -> (f64, f64) {
+    let t0 = Instant::now();
+    match pm2 {
+        None => {
+            let d = Daemon::start(&format!("[apps.many]\ncommand = [\"sleep\", \"100000\"]\ninstances = {n}\n"));
+            wait_until_long("all trivial workers up", || {
+                let i = d.instances("many");
+                (i.len() == n && i.iter().all(|i| i.state == WorkerState::Ready)).then_some(())
+            });
+            let took = t0.elapsed().as_secs_f64();
+            (took, rss_kib(d.pid()) as f64 / 1024.0)
+        }
+        Some(p) => {
+            let eco = dir.join("many.config.js");
+            std::fs::write(&eco, format!("module.exports = {{ apps: [{{ name: 'many', script: 'sleep', args: '100000', interpreter: 'none', instances: {n}, exec_mode: 'fork' }}] }};\n")).expect("eco");
+            let _ = p.cmd(&["start", &eco.display().to_string()]);
+            wait_until_long("all PM2 trivial workers online", || (p.online() == n).then_some(()));
+            let took = t0.elapsed().as_secs_f64();
+            let rss = rss_kib(god(p)) as f64 / 1024.0;
+            let _ = p.cmd(&["delete", "all"]);
+            (took, rss)
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
@@ -295,6 +514,50 @@ fn main() {
         med(&sup_rust, |r| r.2),
         med(&sup_rust, |r| r.3 as f64) / 1048576.0
     ));
+    let ratio = |s: f64, p: f64| if s > 0.0 { format!("PM2/sup = {:.1}×", p / s) } else { "–".into() };
+    for n in [2usize, 16] {
+        let (sr, sp, _, _) = costs(None, dir.path(), n, 1);
+        let (pr, pp, _, _) = costs(Some(&pm2), dir.path(), n, 1);
+        rows.push(format!("| daemon RSS, {n} Node workers (MiB) | {sr:.1} | {pr:.1} | {} |", ratio(sr, pr)));
+        rows.push(format!("| daemon PSS, {n} Node workers (MiB) | {sp:.1} | {pp:.1} | {} |", ratio(sp, pp)));
+    }
+    let idle = if quick { 5 } else { 30 };
+    for n in if quick { vec![16usize] } else { vec![16, 64] } {
+        let (_, _, sc, _) = costs(None, dir.path(), n, idle);
+        let (_, _, pc, _) = costs(Some(&pm2), dir.path(), n, idle);
+        rows.push(format!(
+            "| daemon CPU over {idle} s idle, {n} Node workers (% of a core) | {sc:.3} | {pc:.3} | {} |",
+            ratio(sc, pc)
+        ));
+    }
+    for n in if quick { vec![2usize, 20] } else { vec![2, 100] } {
+        let (_, _, _, sl) = costs(None, dir.path(), n, 1);
+        let (_, _, _, pl) = costs(Some(&pm2), dir.path(), n, 1);
+        rows.push(format!(
+            "| `supctl status --json` vs `pm2 jlist`, {n} workers (median ms) | {sl:.1} | {pl:.1} | {} |",
+            ratio(sl, pl)
+        ));
+    }
+    let runs = if quick { 3 } else { 7 };
+    let (sk, pk) = (crash(None, dir.path(), runs), crash(Some(&pm2), dir.path(), runs));
+    rows.push(format!(
+        "| kill -9 → a new pid answers on the port (median of {runs}, ms) | {sk:.0} | {pk:.0} | {} |",
+        ratio(sk, pk)
+    ));
+    let secs = if quick { 3 } else { 10 };
+    let (sr, s99) = throughput(None, dir.path(), secs);
+    let (pr, p99) = throughput(Some(&pm2), dir.path(), secs);
+    let (rr, r99) = reference(free_port(), secs);
+    rows.push(format!(
+        "| throughput, 4 workers, wrk -c64 (req/s) | {sr:.0} | {pr:.0} | sup/PM2 = {:.2}×; no-supervisor reference {rr:.0} |",
+        sr / pr
+    ));
+    rows.push(format!("| p99 latency, same (ms) | {s99:.2} | {p99:.2} | reference {r99:.2} |"));
+    let n = if quick { 100 } else { 1000 };
+    let (st, sm) = many(None, dir.path(), n);
+    let (pt, pm) = many(Some(&pm2), dir.path(), n);
+    rows.push(format!("| start-up of {n} trivial workers until all up (s) | {st:.2} | {pt:.2} | {} |", ratio(st, pt)));
+    rows.push(format!("| daemon RSS with {n} trivial workers (MiB) | {sm:.1} | {pm:.1} | {} |", ratio(sm, pm)));
     let _ = pm2.cmd(&["kill"]);
     println!("| figure | supd | PM2 | ratio |");
     println!("|---|---|---|---|");

@@ -480,7 +480,7 @@ fn main() {
             median(tp.clone()) / median(ts.clone())
         ));
     }
-    let secs = if quick { 5 } else { 10 };
+    let secs = if quick { 3 } else { 10 };
     let (mut sup_node, mut pm2_node, mut sup_rust) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds {
         sup_node.push(log_round(None, dir.path(), secs, true));
@@ -521,7 +521,7 @@ fn main() {
         rows.push(format!("| daemon RSS, {n} Node workers (MiB) | {sr:.1} | {pr:.1} | {} |", ratio(sr, pr)));
         rows.push(format!("| daemon PSS, {n} Node workers (MiB) | {sp:.1} | {pp:.1} | {} |", ratio(sp, pp)));
     }
-    let idle = if quick { 5 } else { 30 };
+    let idle = if quick { 3 } else { 30 };
     for n in if quick { vec![16usize] } else { vec![16, 64] } {
         let (_, _, sc, _) = costs(None, dir.path(), n, idle);
         let (_, _, pc, _) = costs(Some(&pm2), dir.path(), n, idle);
@@ -538,7 +538,7 @@ fn main() {
             ratio(sl, pl)
         ));
     }
-    let runs = if quick { 3 } else { 7 };
+    let runs = if quick { 2 } else { 7 };
     let (sk, pk) = (crash(None, dir.path(), runs), crash(Some(&pm2), dir.path(), runs));
     rows.push(format!(
         "| kill -9 → a new pid answers on the port (median of {runs}, ms) | {sk:.0} | {pk:.0} | {} |",

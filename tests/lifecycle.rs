@@ -364,3 +364,29 @@ fn http_and_tcp_probes_gate_readiness() {
     });
     assert!(silent.reason.contains("not ready within 1s"), "{}", silent.reason);
 }
+
+#[test]
+fn barrier_fds_sent_on_the_notify_socket_are_closed_at_once() {
+    // What `systemd-notify --ready` does from a shell wrapper on newer systemd:
+    // send BARRIER=1 with one end of a pipe and wait until the receiver closes it.
+    let script = "import array, os, socket, time\n\
+ns = os.environ['NOTIFY_SOCKET']\n\
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+r, w = os.pipe()\n\
+s.sendmsg([b'BARRIER=1'], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', [w]))], 0, ns)\n\
+os.close(w)\n\
+os.read(r, 1)\n\
+print('barrier passed', flush=True)\n\
+s.sendto(b'READY=1', ns)\n\
+time.sleep(1000)\n";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let worker = dir.path().join("barrier.py");
+    std::fs::write(&worker, script).expect("write script");
+    let d = Daemon::start(&format!(
+        "[apps.wrapper]\ncommand = [\"python3\", \"{}\"]\nready = \"notify\"\nready_timeout = \"20s\"\n",
+        worker.display()
+    ));
+    d.wait_ready("wrapper", 1);
+    let log = d.path("logs/wrapper.out.log");
+    assert!(std::fs::read_to_string(log).unwrap_or_default().contains("barrier passed"));
+}

@@ -119,7 +119,7 @@ impl Metrics {
 
     /// Counts a restart or replacement.
     pub fn restart(&self, app: &str, reason: RestartReason) {
-        let reason = serde_plain(reason);
+        let reason = reason.as_str().to_string();
         self.restarts.get_or_create(&Restart { app: app.to_string(), reason }).inc();
     }
 
@@ -173,18 +173,6 @@ impl Metrics {
         }
         out
     }
-}
-
-fn serde_plain(r: RestartReason) -> String {
-    match r {
-        RestartReason::Crash => "crash",
-        RestartReason::Restart => "restart",
-        RestartReason::Reload => "reload",
-        RestartReason::Memory => "memory",
-        RestartReason::Watchdog => "watchdog",
-        RestartReason::Config => "config",
-    }
-    .to_string()
 }
 
 /// Why the metrics listener could not start.

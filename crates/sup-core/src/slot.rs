@@ -378,7 +378,7 @@ impl SlotTask {
             self.attempt = 0;
             self.crashes.clear();
             self.start_waiters.push(reply);
-            self.spawn_current(&format!("{} requested", reason_word(reason))).await;
+            self.spawn_current(&format!("{} requested", RestartReason::as_str(reason))).await;
             return;
         }
         let fds = match self.fds.open() {
@@ -395,7 +395,7 @@ impl SlotTask {
                     slot = self.slot,
                     pid = worker.pid,
                     "replacement started ({})",
-                    reason_word(reason)
+                    RestartReason::as_str(reason)
                 );
                 self.next = Some(Replacement { worker, reason, reply });
             }
@@ -483,7 +483,7 @@ impl SlotTask {
                 self.status_text = None;
                 self.set_state(
                     State::Ready { worker: next.worker },
-                    &format!("{} ready after {ready_ms} ms", reason_word(next.reason)),
+                    &format!("{} ready after {ready_ms} ms", RestartReason::as_str(next.reason)),
                 );
                 match old {
                     Some(old) => {
@@ -648,17 +648,6 @@ fn failure_message(pid: i32, what: &str, tail: &[String]) -> String {
         }
     }
     msg
-}
-
-fn reason_word(r: RestartReason) -> &'static str {
-    match r {
-        RestartReason::Crash => "crash",
-        RestartReason::Restart => "restart",
-        RestartReason::Reload => "reload",
-        RestartReason::Memory => "memory",
-        RestartReason::Watchdog => "watchdog",
-        RestartReason::Config => "config",
-    }
 }
 
 fn policy_word(p: RestartPolicy) -> &'static str {

@@ -75,6 +75,20 @@ pub enum RestartReason {
     Config,
 }
 
+impl RestartReason {
+    /// The lowercase name used in JSON, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartReason::Crash => "crash",
+            RestartReason::Restart => "restart",
+            RestartReason::Reload => "reload",
+            RestartReason::Memory => "memory",
+            RestartReason::Watchdog => "watchdog",
+            RestartReason::Config => "config",
+        }
+    }
+}
+
 /// Answer to `GET /v1/status`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct StatusResponse {

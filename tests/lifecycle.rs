@@ -390,3 +390,27 @@ time.sleep(1000)\n";
     let log = d.path("logs/wrapper.out.log");
     assert!(std::fs::read_to_string(log).unwrap_or_default().contains("barrier passed"));
 }
+
+#[test]
+fn pm2_apps_say_ready_and_stop_over_the_node_ipc_channel() {
+    if std::process::Command::new("node").arg("--version").output().is_err() {
+        eprintln!("skipped: node is not installed");
+        return;
+    }
+    let app = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pm2-app.js");
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "[apps.pm2]\ncommand = [\"node\", \"{}\"]\nport = {port}\nready = \"pm2\"\nshutdown_with_message = true\nstop_timeout = \"20s\"\n",
+        app.display()
+    ));
+    d.wait_ready("pm2", 1);
+    let (code, body) = http_get(port, "/").expect("the app answers");
+    assert_eq!(code, 200);
+    assert!(body.contains("instance=0"), "NODE_APP_INSTANCE: {body}");
+    let t0 = std::time::Instant::now();
+    let out = d.supctl(&["stop", "pm2"]);
+    assert!(out.status.success());
+    assert!(t0.elapsed() < Duration::from_secs(10), "stopped by the message, not by the 20 s timeout");
+    // A signal would have killed it; the message made it exit by itself.
+    d.wait_log("stopped (exited with code 0)", DEADLINE);
+}

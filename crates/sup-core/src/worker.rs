@@ -140,15 +140,38 @@ pub async fn start(
         }
         None => cfg.group.as_ref().map(|g| (nix::unistd::geteuid().as_raw(), g.gid, vec![g.gid])),
     };
+    // PM2 apps talk to their supervisor over Node's IPC channel: a socket pair
+    // whose child end Node finds through NODE_CHANNEL_FD.
+    let ipc = if matches!(cfg.ready, ReadyCheck::Pm2) || cfg.shutdown_with_message {
+        Some(std::os::unix::net::UnixStream::pair().map_err(|e| format!("cannot create the IPC channel: {e}"))?)
+    } else {
+        None
+    };
+    let mut env = env;
+    let mut spawn_fds: Vec<RawFd> = fds.iter().map(|(fd, _)| *fd).collect();
+    if let Some((_, theirs)) = &ipc {
+        use std::os::fd::AsRawFd;
+        env.push(("NODE_CHANNEL_FD".into(), (3 + spawn_fds.len()).to_string()));
+        env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
+        spawn_fds.push(theirs.as_raw_fd());
+    }
     let spawn = SpawnSpec {
         argv: cfg.command.clone(),
         env,
-        fds: fds.iter().map(|(fd, _)| *fd).collect(),
+        fds: spawn_fds,
         listen_pid: !fds.is_empty(),
         cwd: cfg.cwd.clone(),
         ids,
     };
     let spawned = ctx.spawner.spawn(spawn).await.map_err(|e| e.to_string())?;
+    let ipc = match ipc {
+        Some((ours, theirs)) => {
+            drop(theirs);
+            ours.set_nonblocking(true).ok();
+            tokio::net::UnixStream::from_std(ours).ok()
+        }
+        None => None,
+    };
     let tail = new_tail();
     let readers: Vec<_> = [
         ctx.logs.capture(spawned.stdout, Stream::Out, slot, tail.clone()),
@@ -164,6 +187,7 @@ pub async fn start(
         id,
         pid: spawned.pid,
         ready_check: cfg.ready.clone(),
+        shutdown_message: cfg.shutdown_with_message,
         port: cfg.port,
         watchdog: cfg.watchdog,
         ready_timeout: cfg.ready_timeout,
@@ -171,7 +195,7 @@ pub async fn start(
         stop_timeout: cfg.stop_timeout,
         events,
     };
-    tokio::spawn(watch.run(spawned.exit, notify, ctl_rx, readers));
+    tokio::spawn(watch.run(spawned.exit, notify, ctl_rx, readers, ipc));
     Ok(handle)
 }
 
@@ -232,6 +256,7 @@ struct Watch {
     id: u64,
     pid: i32,
     ready_check: ReadyCheck,
+    shutdown_message: bool,
     port: Option<u16>,
     watchdog: Option<Duration>,
     ready_timeout: Duration,
@@ -251,7 +276,18 @@ impl Watch {
         notify: NotifySocket,
         mut ctl: mpsc::UnboundedReceiver<WorkerCtl>,
         readers: Vec<tokio::task::JoinHandle<()>>,
+        ipc: Option<tokio::net::UnixStream>,
     ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut ipc_rx, mut ipc_tx) = match ipc {
+            Some(s) => {
+                let (r, w) = s.into_split();
+                (Some(r), Some(w))
+            }
+            None => (None, None),
+        };
+        let mut ipc_buf: Vec<u8> = Vec::new();
+        let mut ipc_chunk = [0u8; 4096];
         let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         let mut ready = false;
         let mut ready_deadline = None;
@@ -310,6 +346,27 @@ impl Watch {
                         notify_ok = false;
                     }
                 },
+                n = async { match ipc_rx.as_mut() { Some(r) => r.read(&mut ipc_chunk).await, None => Ok(0) } }, if ipc_rx.is_some() => {
+                    match n {
+                        Ok(0) | Err(_) => ipc_rx = None,
+                        Ok(n) => {
+                            ipc_buf.extend_from_slice(&ipc_chunk[..n]);
+                            while let Some(pos) = ipc_buf.iter().position(|&b| b == b'\n') {
+                                let line: Vec<u8> = ipc_buf.drain(..=pos).collect();
+                                // process.send('ready') arrives as the JSON string "ready".
+                                if line.trim_ascii() == b"\"ready\"" && !ready && matches!(self.ready_check, ReadyCheck::Pm2) {
+                                    ready = true;
+                                    ready_deadline = None;
+                                    self.send(WorkerEventKind::Ready);
+                                }
+                            }
+                            // Garbage without newlines cannot grow without bound.
+                            if ipc_buf.len() > 64 * 1024 {
+                                ipc_buf.clear();
+                            }
+                        }
+                    }
+                }
                 _ = sleep_until(ready_deadline.unwrap_or_else(far)), if ready_deadline.is_some() => {
                     ready_deadline = None;
                     failure = Some(format!("not ready within {}", humantime::format_duration(self.ready_timeout)));
@@ -330,7 +387,14 @@ impl Watch {
                 c = ctl.recv(), if ctl_open => match c {
                     Some(WorkerCtl::Stop) => {
                         if kill_deadline.is_none() {
-                            kill_group(self.pid, self.stop_signal as i32);
+                            let asked = match (self.shutdown_message, ipc_tx.as_mut()) {
+                                // PM2's shutdown_with_message: process.on('message') gets 'shutdown'.
+                                (true, Some(w)) => w.write_all(b"\"shutdown\"\n").await.is_ok(),
+                                _ => false,
+                            };
+                            if !asked {
+                                kill_group(self.pid, self.stop_signal as i32);
+                            }
                             // SIGCONT so a stopped (SIGSTOP) worker can act on the signal.
                             kill_group(self.pid, libc::SIGCONT);
                             kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);

@@ -1,6 +1,7 @@
 //! `supctl`: the sup command line. Talks to supd over its control socket.
 
 mod client;
+mod import;
 mod output;
 mod top;
 
@@ -99,6 +100,8 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Convert a PM2 ecosystem file (.js, .cjs, .mjs, .json) to a commented supervisor.toml.
+    Import(import::ImportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -141,6 +144,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<i32, ClientError> {
+    if let Command::Import(args) = &cli.command {
+        return Ok(import::run(args));
+    }
     if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
         let path = file.clone().or(cli.config.clone()).unwrap_or_else(|| PathBuf::from("supervisor.toml"));
         return Ok(match sup_config::load(&path) {
@@ -204,6 +210,7 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         }
         Command::Config(ConfigCommand::Apply) => rollout(&client, "/v1/config/apply", &serde_json::json!({})),
         Command::Config(ConfigCommand::Check { .. }) => Ok(exit::USAGE),
+        Command::Import(_) => Ok(exit::USAGE),
     }
 }
 

@@ -518,14 +518,26 @@ fn main() {
         med(&sup_rust, |r| r.3 as f64) / 1048576.0
     ));
     let ratio = |s: f64, p: f64| if s > 0.0 { format!("PM2/sup = {:.1}×", p / s) } else { "–".into() };
+    let idle = if quick { 3 } else { 30 };
     for n in [2usize, 16] {
-        let (sr, sp, _, _) = costs(None, dir.path(), n, 1);
-        let (pr, pp, _, _) = costs(Some(&pm2), dir.path(), n, 1);
+        // Quick mode takes every per-size figure from this one pass.
+        let secs = if quick { idle } else { 1 };
+        let (sr, sp, sc, sl) = costs(None, dir.path(), n, secs);
+        let (pr, pp, pc, pl) = costs(Some(&pm2), dir.path(), n, secs);
         rows.push(format!("| daemon RSS, {n} Node workers (MiB) | {sr:.1} | {pr:.1} | {} |", ratio(sr, pr)));
         rows.push(format!("| daemon PSS, {n} Node workers (MiB) | {sp:.1} | {pp:.1} | {} |", ratio(sp, pp)));
+        if quick {
+            rows.push(format!(
+                "| daemon CPU over {idle} s idle, {n} Node workers (% of a core) | {sc:.3} | {pc:.3} | {} |",
+                ratio(sc, pc)
+            ));
+            rows.push(format!(
+                "| `supctl status --json` vs `pm2 jlist`, {n} workers (median ms) | {sl:.1} | {pl:.1} | {} |",
+                ratio(sl, pl)
+            ));
+        }
     }
-    let idle = if quick { 3 } else { 30 };
-    for n in if quick { vec![16usize] } else { vec![16, 64] } {
+    for n in if quick { vec![] } else { vec![16usize, 64] } {
         let (_, _, sc, _) = costs(None, dir.path(), n, idle);
         let (_, _, pc, _) = costs(Some(&pm2), dir.path(), n, idle);
         rows.push(format!(
@@ -533,7 +545,7 @@ fn main() {
             ratio(sc, pc)
         ));
     }
-    for n in if quick { vec![2usize, 20] } else { vec![2, 100] } {
+    for n in if quick { vec![] } else { vec![2usize, 100] } {
         let (_, _, _, sl) = costs(None, dir.path(), n, 1);
         let (_, _, _, pl) = costs(Some(&pm2), dir.path(), n, 1);
         rows.push(format!(

@@ -12,7 +12,7 @@ fn demo() -> String {
 /// A 4-instance web app; `command` is TOML for the command key.
 fn web(port: u16, command: &str, extra: &str) -> String {
     format!(
-        "[apps.web]\ncommand = {command}\ninstances = 4\nready = \"notify\"\nready_timeout = \"3s\"\nstop_timeout = \"5s\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n"
+        "[apps.web]\ncommand = {command}\ninstances = 4\nready = \"notify\"\nready_timeout = \"3s\"\nstop_timeout = \"15s\"\nlisten = [\"127.0.0.1:{port}\"]\n{extra}\n"
     )
 }
 

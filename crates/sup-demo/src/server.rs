@@ -89,7 +89,7 @@ async fn accept_loop(listener: Listener, shared: Arc<Shared>, drain: Drain) {
 }
 
 /// How long a connection accepted just before shutdown has to send its first request.
-const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(10);
 
 fn serve_conn<S>(stream: S, shared: &Arc<Shared>, drain: &Drain)
 where

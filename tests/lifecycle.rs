@@ -414,3 +414,36 @@ fn pm2_apps_say_ready_and_stop_over_the_node_ipc_channel() {
     // A signal would have killed it; the message made it exit by itself.
     d.wait_log("stopped (exited with code 0)", DEADLINE);
 }
+
+#[test]
+fn describe_shows_one_app_without_secrets_and_flush_empties_its_logs() {
+    let port = free_port();
+    let d = Daemon::start_with_files(
+        &format!(
+            "[apps.web]\ncommand = [\"{}\", \"--log-rate\", \"50\"]\nlisten = [\"127.0.0.1:{port}\"]\nready = \"notify\"\nenv_file = \"app.env\"\n",
+            demo()
+        ),
+        &[("app.env", "API_TOKEN=t0ps3cret\n")],
+    );
+    let pid = d.wait_ready("web", 1)[0].pid.expect("pid");
+    let out = d.supctl(&["describe", "web", "--json"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!text.contains("t0ps3cret"), "no env values: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    assert_eq!(v["env_keys"][0], "API_TOKEN");
+    assert_eq!(v["status"]["instances"][0]["pid"], pid);
+    assert!(v["log_files"][0].as_str().is_some_and(|f| f.ends_with("web.out.log")));
+    let human = String::from_utf8_lossy(&d.supctl(&["describe", "web"]).stdout).to_string();
+    assert!(human.contains("stop_timeout") && human.contains(&pid.to_string()), "{human}");
+    let log = d.path("logs/web.out.log");
+    wait_until("some output", DEADLINE, || (std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) > 200).then_some(()));
+    let out = d.supctl(&["flush", "web"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let after = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(u64::MAX);
+    assert!(after < 200, "emptied ({after} bytes right after the flush)");
+    // Writing continues in the same file.
+    wait_until("new lines after the flush", DEADLINE, || {
+        std::fs::read_to_string(&log).ok().filter(|t| t.contains(" line ")).map(|_| ())
+    });
+}

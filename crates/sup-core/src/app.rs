@@ -436,6 +436,63 @@ impl App {
         })
     }
 
+    /// Everything about the app for `supctl describe`: effective configuration
+    /// (environment keys only, never values), slots and log files.
+    pub fn describe(&self, samples: &crate::monitor::Samples) -> serde_json::Value {
+        let spec = self.spec();
+        let c = &spec.cfg;
+        let (dir, logs) = self.ctx.logs.files();
+        let files: Vec<String> =
+            crate::logs::file_names(&self.name, &logs).iter().map(|(_, n)| dir.join(n).display().to_string()).collect();
+        let d = |d: std::time::Duration| humantime::format_duration(d).to_string();
+        serde_json::json!({
+            "name": self.name,
+            "version": spec.version,
+            "command": c.command,
+            "cwd": c.cwd,
+            "instances": self.slots().len(),
+            "listen": c.listen.iter().map(|l| l.to_string()).collect::<Vec<_>>(),
+            "port": c.port,
+            "ready": format!("{:?}", c.ready).to_lowercase(),
+            "ready_timeout": d(c.ready_timeout),
+            "stop_signal": c.stop_signal.as_str(),
+            "stop_timeout": d(c.stop_timeout),
+            "restart": format!("{:?}", c.restart).to_lowercase(),
+            "backoff": {"initial": d(c.backoff.initial), "multiplier": c.backoff.multiplier, "max": d(c.backoff.max), "reset_after": d(c.backoff.reset_after)},
+            "max_restarts": c.max_restarts,
+            "restart_window": d(c.restart_window),
+            "memory_limit": c.memory_limit,
+            "memory_limit_samples": c.memory_limit_samples,
+            "watchdog": c.watchdog.map(d),
+            "user": c.user.as_ref().map(|u| u.name.clone()),
+            "group": c.group.as_ref().map(|g| g.name.clone()),
+            "autostart": c.autostart,
+            "env_keys": c.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
+            "env_file": c.env_file,
+            "log_files": files,
+            "status": self.status(samples),
+        })
+    }
+
+    /// Empties the app's current log files and removes the rotated ones.
+    pub fn flush_logs(&self) -> Result<usize, String> {
+        let (dir, logs) = self.ctx.logs.files();
+        let mut n = 0;
+        for (_, name) in crate::logs::file_names(&self.name, &logs) {
+            let path = dir.join(name);
+            // The writer appends (O_APPEND), so it simply continues at the new end.
+            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
+                f.set_len(0).map_err(|e| format!("cannot empty {}: {e}", path.display()))?;
+                n += 1;
+            }
+            for old in crate::logs::rotated_files(&path) {
+                std::fs::remove_file(&old).map_err(|e| format!("cannot remove {}: {e}", old.display()))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// The app's log files and live lines.
     pub fn logs(&self) -> &crate::logs::AppLogs {
         &self.ctx.logs

@@ -215,6 +215,31 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
         }
         return logs(&sup, req.uri().query().unwrap_or(""));
     }
+    if rest == "/describe" {
+        let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
+        return match app.map(|a| sup.app(a)) {
+            None => error(StatusCode::BAD_REQUEST, "bad_request", "give `app`"),
+            Some(Err(e)) => api_error(e),
+            Some(Ok(app)) => json(StatusCode::OK, &app.describe(&sup.samples)),
+        };
+    }
+    if rest == "/logs/flush" {
+        if req.method() != Method::POST {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST for /v1/logs/flush");
+        }
+        let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
+        return match app.map(|a| sup.app(a)) {
+            None => error(StatusCode::BAD_REQUEST, "bad_request", "give `app`"),
+            Some(Err(e)) => api_error(e),
+            Some(Ok(app)) => match app.flush_logs() {
+                Ok(n) => json(
+                    StatusCode::OK,
+                    &ActionResponse { results: vec![app.result_ok(&format!("flushed {n} log file(s)"))] },
+                ),
+                Err(m) => error(StatusCode::INTERNAL_SERVER_ERROR, "io", m),
+            },
+        };
+    }
     if rest == "/logs/reopen" {
         if req.method() != Method::POST {
             return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST for /v1/logs/reopen");

@@ -66,6 +66,19 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Everything about one app: effective configuration (environment keys, never values), slots, restarts with reasons, log files.
+    Describe {
+        /// The app.
+        app: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Empty an app's log files and remove its rotated ones (PM2's `flush`).
+    Flush {
+        /// The app.
+        app: String,
+    },
     /// A live, refreshing view of every worker's CPU and memory (q or Ctrl-C quits).
     #[command(visible_alias = "monit")]
     Top {
@@ -198,6 +211,22 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
                 q.push_str(&format!("&since={}", s.as_secs().max(1)));
             }
             client.stream_get(&q, |l: sup_proto::LogLine| output::print_log_line(&l, json))?;
+            Ok(exit::OK)
+        }
+        Command::Describe { app, json } => {
+            let v: serde_json::Value = client.get(&format!("/v1/describe?app={app}"))?;
+            if json {
+                output::print_json(&v);
+            } else {
+                output::print_describe(&v);
+            }
+            Ok(exit::OK)
+        }
+        Command::Flush { app } => {
+            let r: ActionResponse = client.post(&format!("/v1/logs/flush?app={app}"), &serde_json::json!({}))?;
+            for res in r.results {
+                println!("{}: {}", res.app, res.message);
+            }
             Ok(exit::OK)
         }
         Command::Top { sort, once, interval } => top::run(&client, sort, once, interval).map(|()| exit::OK),

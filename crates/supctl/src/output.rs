@@ -98,6 +98,29 @@ pub fn print_log_line(l: &sup_proto::LogLine, json: bool) {
     }
 }
 
+/// Prints `describe` as aligned `key: value` lines, then the slots.
+pub fn print_describe(v: &serde_json::Value) {
+    let mut out = std::io::stdout().lock();
+    if let Some(map) = v.as_object() {
+        for (k, val) in map {
+            if k == "status" {
+                continue;
+            }
+            let shown = match val {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".into(),
+                other => other.to_string(),
+            };
+            let _ = writeln!(out, "{k:<22} {shown}");
+        }
+    }
+    drop(out);
+    if let Ok(app) = serde_json::from_value::<sup_proto::AppStatus>(v["status"].clone()) {
+        println!();
+        print_status(&StatusResponse { apps: vec![app] });
+    }
+}
+
 /// Prints one rollout event as a line for humans.
 pub fn print_event(ev: &RolloutEvent) {
     let line = match ev {

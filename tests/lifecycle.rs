@@ -447,3 +447,21 @@ fn describe_shows_one_app_without_secrets_and_flush_empties_its_logs() {
         std::fs::read_to_string(&log).ok().filter(|t| t.contains(" line ")).map(|_| ())
     });
 }
+
+#[test]
+fn signal_reaches_every_worker_of_an_app() {
+    let d = Daemon::start(
+        "[apps.trap]\ncommand = [\"sh\", \"-c\", \"trap 'echo got usr1 from $SUP_INSTANCE' USR1; while :; do sleep 0.1; done\"]\ninstances = 2\n",
+    );
+    d.wait_ready("trap", 2);
+    let log = d.path("logs/trap.out.log");
+    // The shells may still be setting their trap: send until both report.
+    wait_until("both workers to report the signal", DEADLINE, || {
+        let out = d.supctl(&["signal", "trap", "USR1"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains("got usr1 from 0") && text.contains("got usr1 from 1")).then_some(())
+    });
+    let bad = d.supctl(&["signal", "trap", "SIGNOPE"]);
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -474,6 +474,15 @@ impl App {
         })
     }
 
+    /// Sends `sig` to the process group of every running worker of the app.
+    pub fn signal(&self, sig: i32) -> AppResult {
+        let pids: Vec<i32> = self.slots().iter().filter_map(|s| s.view.borrow().pid).collect();
+        for pid in &pids {
+            crate::spawner::kill_group(*pid, sig);
+        }
+        self.result_ok(&format!("sent to {} worker(s)", pids.len()))
+    }
+
     /// Empties the app's current log files and removes the rotated ones.
     pub fn flush_logs(&self) -> Result<usize, String> {
         let (dir, logs) = self.ctx.logs.files();

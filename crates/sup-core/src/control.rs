@@ -215,6 +215,24 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
         }
         return logs(&sup, req.uri().query().unwrap_or(""));
     }
+    if rest == "/signal" {
+        if req.method() != Method::POST {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use POST for /v1/signal");
+        }
+        let q = req.uri().query().unwrap_or("").to_string();
+        let get = |k: &str| q.split('&').find_map(|kv| kv.strip_prefix(k)).map(str::to_string);
+        let (Some(app), Some(sig)) = (get("app="), get("signal=")) else {
+            return error(StatusCode::BAD_REQUEST, "bad_request", "give `app` and `signal`");
+        };
+        let sig = match sup_config::parse_signal(&sig) {
+            Ok(s) => s as i32,
+            Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+        };
+        return match sup.app(&app) {
+            Ok(a) => json(StatusCode::OK, &ActionResponse { results: vec![a.signal(sig)] }),
+            Err(e) => api_error(e),
+        };
+    }
     if rest == "/describe" {
         let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
         return match app.map(|a| sup.app(a)) {

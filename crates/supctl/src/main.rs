@@ -74,6 +74,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send a signal (e.g. USR2, HUP) to every worker of an app, to its whole process group.
+    Signal {
+        /// The app.
+        app: String,
+        /// The signal: `SIGUSR2`, `USR2` or `usr2`.
+        signal: String,
+    },
     /// Empty an app's log files and remove its rotated ones (PM2's `flush`).
     Flush {
         /// The app.
@@ -219,6 +226,18 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
                 output::print_json(&v);
             } else {
                 output::print_describe(&v);
+            }
+            Ok(exit::OK)
+        }
+        Command::Signal { app, signal } => {
+            if let Err(m) = sup_config::parse_signal(&signal) {
+                eprintln!("supctl: {m}");
+                return Ok(exit::USAGE);
+            }
+            let r: ActionResponse =
+                client.post(&format!("/v1/signal?app={app}&signal={signal}"), &serde_json::json!({}))?;
+            for res in r.results {
+                println!("{}: {}", res.app, res.message);
             }
             Ok(exit::OK)
         }

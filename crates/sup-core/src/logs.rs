@@ -28,11 +28,11 @@ use tokio::net::unix::pipe;
 use tokio::sync::{broadcast, mpsc};
 
 /// Bytes read from a pipe at once.
-const READ_CHUNK: usize = 64 * 1024;
+const READ_CHUNK: usize = 256 * 1024;
 /// Lines of each worker kept in memory for failure reports.
 const TAIL_LINES: usize = 20;
 /// Chunks queued per app before readers wait for the writer.
-const QUEUE: usize = 64;
+const QUEUE: usize = 16;
 
 /// Last lines a worker printed, newest last.
 pub type Tail = Arc<Mutex<VecDeque<String>>>;

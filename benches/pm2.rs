@@ -126,7 +126,9 @@ fn round(pm2: Option<&Pm2>, dir: &Path, mode: Mode) -> (u64, u64, Vec<Duration>)
     if let Sup::Pm2(p) = sup {
         let _ = p.cmd(&["delete", "all"]);
     }
-    (stats.failed, stats.ok, times)
+    // The load client retries a fresh connection that got no answer at all;
+    // for the comparison every such request counts as failed.
+    (stats.failed + stats.unanswered_retried, stats.ok, times)
 }
 
 /// CPU seconds (schedstat) and peak RSS (VmHWM, bytes) of `pid`.

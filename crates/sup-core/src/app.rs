@@ -78,13 +78,14 @@ impl App {
 
     /// The app's status, from the slots' last published views.
     pub fn status(&self, samples: &crate::monitor::Samples) -> AppStatus {
-        let samples = samples.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // Looked up under the lock, not copied: status is answered often.
+        let samples = samples.lock().unwrap_or_else(|e| e.into_inner());
         let instances = self
             .slots()
             .iter()
             .map(|s| {
                 let v = s.view.borrow();
-                let sample = samples.get(&(self.name.clone(), s.slot)).filter(|x| Some(x.pid) == v.pid);
+                let sample = samples.get(&(self.name.clone(), s.slot)).filter(|x| Some(x.pid) == v.pid).copied();
                 InstanceStatus {
                     slot: v.slot,
                     pid: v.pid.map(|p| p as u32),
@@ -505,11 +506,6 @@ impl App {
     /// The app's log files and live lines.
     pub fn logs(&self) -> &crate::logs::AppLogs {
         &self.ctx.logs
-    }
-
-    /// The shared worker context of this app.
-    pub fn ctx(&self) -> &Arc<WorkerCtx> {
-        &self.ctx
     }
 }
 

@@ -213,7 +213,7 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
         if req.method() != Method::GET {
             return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/logs");
         }
-        return logs(&sup, req.uri().query().unwrap_or(""));
+        return logs(&sup, req.uri().query().unwrap_or("")).await;
     }
     if rest == "/signal" {
         if req.method() != Method::POST {
@@ -234,6 +234,9 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
         };
     }
     if rest == "/describe" {
+        if req.method() != Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/describe");
+        }
         let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
         return match app.map(|a| sup.app(a)) {
             None => error(StatusCode::BAD_REQUEST, "bad_request", "give `app`"),
@@ -315,7 +318,7 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
 }
 
 /// `GET /v1/logs?app=A&lines=N&follow=1&stream=out|err&instance=K&since=SECONDS`.
-fn logs(sup: &Supervisor, query: &str) -> Resp {
+async fn logs(sup: &Supervisor, query: &str) -> Resp {
     let mut app = None;
     let (mut lines, mut follow, mut stream, mut instance, mut since) = (20usize, false, None, None, None);
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
@@ -349,8 +352,12 @@ fn logs(sup: &Supervisor, query: &str) -> Resp {
     let filter = crate::logread::Filter::new(stream, instance, since);
     // Subscribed before reading the files, so no line falls between the two.
     let live = follow.then(|| app.logs().follow());
+    // Reading the files may take megabytes of I/O: off the event loop.
+    let (logs, n, f) = (app.logs().clone(), name.clone(), filter.clone());
+    let history =
+        tokio::task::spawn_blocking(move || crate::logread::history(&logs, &n, &f, lines)).await.unwrap_or_default();
     let mut body = Vec::new();
-    for l in crate::logread::history(app.logs(), &name, &filter, lines) {
+    for l in history {
         body.extend_from_slice(&serde_json::to_vec(&l).unwrap_or_default());
         body.push(b'\n');
     }

@@ -7,7 +7,7 @@
 //! *forking thread* exits) only fires when supd itself dies.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -337,14 +337,6 @@ fn write_decimal(out: &mut [u8], mut n: u64) {
         out[i] = digits[len - 1 - i];
     }
     out[len.min(out.len().saturating_sub(1))] = 0;
-}
-
-/// Wraps a raw fd the caller owns; used for fds passed over sockets.
-///
-/// # Safety
-/// `fd` must be open and owned by nobody else.
-pub unsafe fn own_fd(fd: RawFd) -> OwnedFd {
-    unsafe { OwnedFd::from_raw_fd(fd) }
 }
 
 #[cfg(test)]

@@ -140,8 +140,13 @@ impl Daemon {
                 l.push('\n');
             }
         });
-        let d = Daemon { child: Some(child), dir, socket, config, log };
+        let mut d = Daemon { child: Some(child), dir, socket, config, log };
         wait_until("supd's control socket to answer", DEADLINE, || {
+            // A supd that exited will never answer: say why at once.
+            if let Some(Ok(Some(status))) = d.child.as_mut().map(|c| c.try_wait()) {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("supd exited ({}) before answering:\n{}", describe(status), d.log());
+            }
             std::os::unix::net::UnixStream::connect(&d.socket).ok().map(|_| ())
         });
         d

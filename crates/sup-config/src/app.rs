@@ -74,6 +74,10 @@ pub struct AppConfig {
     pub stop_exit_codes: Vec<i32>,
     /// Ask workers to stop with a `shutdown` message before the signal.
     pub shutdown_with_message: bool,
+    /// Start workers as Node cluster workers whose `server.listen()` gets the slot's socket.
+    pub node_cluster: bool,
+    /// Rolling restart on this schedule (PM2's `cron_restart`).
+    pub cron_restart: Option<crate::cron::CronSchedule>,
     /// Where output goes, its format and rotation.
     pub logs: crate::logs::LogConfig,
 }
@@ -117,6 +121,8 @@ impl fmt::Debug for AppConfig {
             .field("autostart", &self.autostart)
             .field("stop_exit_codes", &self.stop_exit_codes)
             .field("shutdown_with_message", &self.shutdown_with_message)
+            .field("node_cluster", &self.node_cluster)
+            .field("cron_restart", &self.cron_restart)
             .finish()
     }
 }
@@ -183,6 +189,21 @@ impl RawApp {
             }
         };
 
+        let node_cluster = match self.node_cluster {
+            Some(n) if *n.get_ref() && self.listen.is_empty() => {
+                let msg = "a Node cluster worker's server.listen() gets one of supd's sockets: set `listen` too";
+                return Err(src.error(n.span(), key("node_cluster"), msg.to_string()));
+            }
+            n => n.is_some_and(|n| n.into_inner()),
+        };
+        let cron_restart = match self.cron_restart {
+            None => None,
+            Some(c) => Some(
+                crate::cron::CronSchedule::parse(c.get_ref())
+                    .map_err(|m| src.error(c.span(), key("cron_restart"), m))?,
+            ),
+        };
+
         Ok(AppConfig {
             command: self.command.0,
             cwd: self.cwd.map_or_else(|| base.to_path_buf(), |c| resolve(base, &c)),
@@ -210,6 +231,8 @@ impl RawApp {
             autostart: self.autostart.unwrap_or(true),
             stop_exit_codes: self.stop_exit_codes,
             shutdown_with_message: self.shutdown_with_message.unwrap_or(false),
+            node_cluster,
+            cron_restart,
             logs: self.logs.map(|l| l.into_config()).unwrap_or_default(),
             name,
         })
@@ -252,6 +275,8 @@ mod tests {
             autostart: true,
             stop_exit_codes: Vec::new(),
             shutdown_with_message: false,
+            node_cluster: false,
+            cron_restart: None,
             logs: crate::logs::LogConfig::default(),
         };
         assert_eq!(app, want);
@@ -271,6 +296,9 @@ mod tests {
         assert_eq!(app.watchdog, Some(Duration::from_secs(20)));
         assert_eq!(app.listen_backlog, 64);
         assert_eq!(parse_app("cwd = \"/srv\"").cwd, PathBuf::from("/srv"));
+        let app = parse_app("listen = [\"127.0.0.1:3000\"]\nnode_cluster = true\ncron_restart = \"30 4 * * 1-5\"");
+        assert!(app.node_cluster);
+        assert_eq!(app.cron_restart.map(|c| c.pattern().to_string()), Some("30 4 * * 1-5".to_string()));
     }
 
     #[test]
@@ -287,6 +315,18 @@ mod tests {
                 "/x/sup.toml:3:23: key `apps.web.stop_exit_codes[1]`: invalid type: string \"1\", expected i32",
             ),
             ("frobnicate = 1", "/x/sup.toml:3:1: key `apps.web.frobnicate`: unknown key"),
+            (
+                "node_cluster = true",
+                "/x/sup.toml:3:16: key `apps.web.node_cluster`: a Node cluster worker's server.listen() gets one of supd's sockets: set `listen` too",
+            ),
+            (
+                "cron_restart = \"0 3 * *\"",
+                "/x/sup.toml:3:16: key `apps.web.cron_restart`: invalid cron pattern `0 3 * *`: expected 5 fields (minute hour day month weekday) or 6 (with seconds first)",
+            ),
+            (
+                "cron_restart = \"0 25 * * *\"",
+                "/x/sup.toml:3:16: key `apps.web.cron_restart`: invalid cron pattern `0 25 * * *`: the hour field `25` is invalid (Component error: Number out of bounds.)",
+            ),
             (
                 "ready = { tcp = true }",
                 "/x/sup.toml:3:9: key `apps.web.ready`: a readiness probe connects to 127.0.0.1:`port`, the worker's own port: set `port`, or use ready = \"notify\" with `listen`",

@@ -7,6 +7,7 @@
 mod app;
 mod backoff;
 mod command;
+mod cron;
 mod duration;
 mod env;
 mod error;
@@ -29,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 pub use app::AppConfig;
 pub use backoff::Backoff;
+pub use cron::CronSchedule;
 pub use duration::parse_duration;
 pub use error::{ConfigError, Invalid};
 pub use identity::{Group, User};

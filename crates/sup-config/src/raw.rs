@@ -80,5 +80,7 @@ pub(crate) struct RawApp {
     #[serde(default)]
     pub stop_exit_codes: Vec<i32>,
     pub shutdown_with_message: Option<bool>,
+    pub node_cluster: Option<Spanned<bool>>,
+    pub cron_restart: Option<Spanned<String>>,
     pub logs: Option<crate::logs::RawLogs>,
 }

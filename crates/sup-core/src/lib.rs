@@ -26,6 +26,7 @@ pub mod logread;
 pub mod logs;
 pub mod metrics;
 pub mod monitor;
+pub mod nodeipc;
 pub mod notify;
 pub mod probe;
 pub mod reaper;

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 
 use crate::logs::{new_tail, AppLogs, Stream, Tail};
+use crate::nodeipc::{ChannelEvent, NodeChannel};
 use crate::notify::{NotifyMsg, NotifySocket};
 use crate::reaper::ExitInfo;
 use crate::spawner::{kill_group, SpawnSpec, Spawner};
@@ -142,17 +143,24 @@ pub async fn start(
     };
     // PM2 apps talk to their supervisor over Node's IPC channel: a socket pair
     // whose child end Node finds through NODE_CHANNEL_FD.
-    let ipc = if matches!(cfg.ready, ReadyCheck::Pm2) || cfg.shutdown_with_message {
+    let ipc = if matches!(cfg.ready, ReadyCheck::Pm2) || cfg.shutdown_with_message || cfg.node_cluster {
         Some(std::os::unix::net::UnixStream::pair().map_err(|e| format!("cannot create the IPC channel: {e}"))?)
     } else {
         None
     };
+    // A cluster worker asks for its sockets over the channel; supd answers with
+    // its own copies, kept for the worker's life.
+    let cluster_fds = if cfg.node_cluster { dup_all(fds)? } else { Vec::new() };
     let mut env = env;
     let mut spawn_fds: Vec<RawFd> = fds.iter().map(|(fd, _)| *fd).collect();
     if let Some((_, theirs)) = &ipc {
         use std::os::fd::AsRawFd;
         env.push(("NODE_CHANNEL_FD".into(), (3 + spawn_fds.len()).to_string()));
         env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
+        if cfg.node_cluster {
+            // Node starts as a cluster worker when this is set (`cluster.worker.id`).
+            env.push(("NODE_UNIQUE_ID".into(), id.to_string()));
+        }
         spawn_fds.push(theirs.as_raw_fd());
     }
     let spawn = SpawnSpec {
@@ -168,7 +176,9 @@ pub async fn start(
         Some((ours, theirs)) => {
             drop(theirs);
             ours.set_nonblocking(true).ok();
-            tokio::net::UnixStream::from_std(ours).ok()
+            tokio::net::UnixStream::from_std(ours)
+                .ok()
+                .map(|s| NodeChannel::new(s, ctx.app.clone(), spawned.pid, cluster_fds))
         }
         None => None,
     };
@@ -188,6 +198,7 @@ pub async fn start(
         pid: spawned.pid,
         ready_check: cfg.ready.clone(),
         shutdown_message: cfg.shutdown_with_message,
+        node_cluster: cfg.node_cluster,
         port: cfg.port,
         watchdog: cfg.watchdog,
         ready_timeout: cfg.ready_timeout,
@@ -197,6 +208,17 @@ pub async fn start(
     };
     tokio::spawn(watch.run(spawned.exit, notify, ctl_rx, readers, ipc));
     Ok(handle)
+}
+
+/// supd's own copies of the slot's sockets.
+fn dup_all(fds: &[(RawFd, String)]) -> Result<Vec<std::os::fd::OwnedFd>, String> {
+    fds.iter()
+        .map(|(fd, _)| {
+            // SAFETY: the slot's sockets stay open while its workers start.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+            borrowed.try_clone_to_owned().map_err(|e| format!("cannot duplicate a listening socket: {e}"))
+        })
+        .collect()
 }
 
 fn supplementary_groups(user: &str, gid: u32) -> Vec<u32> {
@@ -257,6 +279,7 @@ struct Watch {
     pid: i32,
     ready_check: ReadyCheck,
     shutdown_message: bool,
+    node_cluster: bool,
     port: Option<u16>,
     watchdog: Option<Duration>,
     ready_timeout: Duration,
@@ -270,24 +293,36 @@ impl Watch {
         let _ = self.events.send(WorkerEvent { id: self.id, kind });
     }
 
+    /// Starts a graceful stop; returns when the stop signal is still to be sent.
+    fn ask_to_stop(&self, ipc: Option<&mut NodeChannel>) -> Option<tokio::time::Instant> {
+        let mut asked = false;
+        let mut signal_at = None;
+        if let Some(ch) = ipc {
+            // PM2's shutdown_with_message: process.on('message') gets 'shutdown'.
+            if self.shutdown_message {
+                asked = ch.send_shutdown();
+            }
+            // Node's cluster worker.disconnect(): its servers close and drain first;
+            // the signal follows once the channel closes, at the latest halfway to SIGKILL.
+            if self.node_cluster && ch.send_disconnect() && !asked {
+                asked = true;
+                signal_at = Some(tokio::time::Instant::now() + self.stop_timeout / 2);
+            }
+        }
+        if !asked {
+            kill_group(self.pid, self.stop_signal as i32);
+        }
+        signal_at
+    }
+
     async fn run(
         self,
         mut exit: tokio::sync::oneshot::Receiver<ExitInfo>,
         notify: NotifySocket,
         mut ctl: mpsc::UnboundedReceiver<WorkerCtl>,
         readers: Vec<tokio::task::JoinHandle<()>>,
-        ipc: Option<tokio::net::UnixStream>,
+        mut ipc: Option<NodeChannel>,
     ) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (mut ipc_rx, mut ipc_tx) = match ipc {
-            Some(s) => {
-                let (r, w) = s.into_split();
-                (Some(r), Some(w))
-            }
-            None => (None, None),
-        };
-        let mut ipc_buf: Vec<u8> = Vec::new();
-        let mut ipc_chunk = [0u8; 4096];
         let far = || tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
         let mut ready = false;
         let mut ready_deadline = None;
@@ -306,6 +341,8 @@ impl Watch {
             _ => None,
         };
         let mut kill_deadline: Option<tokio::time::Instant> = None;
+        // A cluster worker asked to disconnect gets the stop signal at this time.
+        let mut signal_deadline: Option<tokio::time::Instant> = None;
         // Counted from the start, like systemd; every WATCHDOG=1 pushes it out.
         let mut watchdog_deadline = self.watchdog.map(|w| tokio::time::Instant::now() + w);
         let mut failure: Option<String> = None;
@@ -346,23 +383,23 @@ impl Watch {
                         notify_ok = false;
                     }
                 },
-                n = async { match ipc_rx.as_mut() { Some(r) => r.read(&mut ipc_chunk).await, None => Ok(0) } }, if ipc_rx.is_some() => {
-                    match n {
-                        Ok(0) | Err(_) => ipc_rx = None,
-                        Ok(n) => {
-                            ipc_buf.extend_from_slice(&ipc_chunk[..n]);
-                            while let Some(pos) = ipc_buf.iter().position(|&b| b == b'\n') {
-                                let line: Vec<u8> = ipc_buf.drain(..=pos).collect();
-                                // process.send('ready') arrives as the JSON string "ready".
-                                if line.trim_ascii() == b"\"ready\"" && !ready && matches!(self.ready_check, ReadyCheck::Pm2) {
-                                    ready = true;
-                                    ready_deadline = None;
-                                    self.send(WorkerEventKind::Ready);
-                                }
+                evs = async { match ipc.as_mut() { Some(c) => c.step().await, None => Vec::new() } }, if ipc.is_some() => {
+                    for ev in evs {
+                        match ev {
+                            ChannelEvent::Ready if !ready && matches!(self.ready_check, ReadyCheck::Pm2) => {
+                                ready = true;
+                                ready_deadline = None;
+                                self.send(WorkerEventKind::Ready);
                             }
-                            // Garbage without newlines cannot grow without bound.
-                            if ipc_buf.len() > 64 * 1024 {
-                                ipc_buf.clear();
+                            ChannelEvent::Ready => {}
+                            ChannelEvent::Closed => {
+                                ipc = None;
+                                // A cluster worker told to disconnect closes the channel once
+                                // its servers have no connection left: the signal is safe now,
+                                // after a moment to exit by itself, as Node's workers usually do.
+                                if let Some(at) = signal_deadline.as_mut() {
+                                    *at = (*at).min(tokio::time::Instant::now() + Duration::from_millis(250));
+                                }
                             }
                         }
                     }
@@ -373,7 +410,7 @@ impl Watch {
                     // It may be serving already (on the slot's socket, beside the
                     // old worker): stop it gracefully so no request it took fails.
                     if kill_deadline.is_none() {
-                        kill_group(self.pid, self.stop_signal as i32);
+                        signal_deadline = self.ask_to_stop(ipc.as_mut());
                         kill_group(self.pid, libc::SIGCONT);
                         kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
                     }
@@ -387,14 +424,7 @@ impl Watch {
                 c = ctl.recv(), if ctl_open => match c {
                     Some(WorkerCtl::Stop) => {
                         if kill_deadline.is_none() {
-                            let asked = match (self.shutdown_message, ipc_tx.as_mut()) {
-                                // PM2's shutdown_with_message: process.on('message') gets 'shutdown'.
-                                (true, Some(w)) => w.write_all(b"\"shutdown\"\n").await.is_ok(),
-                                _ => false,
-                            };
-                            if !asked {
-                                kill_group(self.pid, self.stop_signal as i32);
-                            }
+                            signal_deadline = self.ask_to_stop(ipc.as_mut());
                             // SIGCONT so a stopped (SIGSTOP) worker can act on the signal.
                             kill_group(self.pid, libc::SIGCONT);
                             kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
@@ -405,6 +435,10 @@ impl Watch {
                         kill_group(self.pid, libc::SIGKILL);
                     }
                 },
+                _ = sleep_until(signal_deadline.unwrap_or_else(far)), if signal_deadline.is_some() => {
+                    signal_deadline = None;
+                    kill_group(self.pid, self.stop_signal as i32);
+                }
                 _ = sleep_until(kill_deadline.unwrap_or_else(far)), if kill_deadline.is_some() => {
                     kill_deadline = None;
                     tracing::warn!(pid = self.pid, "did not stop within {}; sending SIGKILL to its process group",

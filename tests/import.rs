@@ -104,7 +104,9 @@ fn js_file_with_two_apps_and_env_production() {
             r#"command = ["node", "--max-old-space-size=256", "server.js", "--trust-proxy"]"#,
             &cwd,
             "instances = 4",
-            "port = 3000",
+            r#"listen = ["0.0.0.0:3000"]"#,
+            "node_cluster = true",
+            r#"cron_restart = "0 3 * * *""#,
             r#"ready = "pm2""#,
             r#"ready_timeout = "8000ms""#,
             r#"stop_timeout = "5000ms""#,
@@ -118,16 +120,16 @@ fn js_file_with_two_apps_and_env_production() {
     );
     // Options not carried over are also comments in the output.
     let api = table(&r.toml, "[apps.api]").join("\n");
-    for o in ["watch", "ignore_watch", "cron_restart"] {
+    for o in ["watch", "ignore_watch"] {
         let c = format!("# option `{o}` is not supported by sup and was not carried over");
         assert!(api.contains(&c), "[apps.api] lacks `{c}`:\n{api}");
     }
-    // env_production merged over env; PORT became `port`.
+    // env_production merged over env; PORT became `listen`.
     let env = table(&r.toml, "[apps.api.env]");
     for line in [r#"NODE_ENV = "production""#, r#"LOG_LEVEL = "info""#, r#"DATABASE_POOL = "20""#] {
         assert!(env.contains(&line), "env lacks `{line}`: {env:?}");
     }
-    assert!(!env.iter().any(|l| l.starts_with("PORT")), "PORT is set by `port`: {env:?}");
+    assert!(!env.iter().any(|l| l.starts_with("PORT")), "PORT is set from `listen`: {env:?}");
 
     assert_lines(
         &r.toml,
@@ -142,7 +144,7 @@ fn js_file_with_two_apps_and_env_production() {
     );
     assert_lines(&r.toml, "[apps.internal-worker.env]", &[r#"QUEUE_URL = "redis://127.0.0.1:6379/0""#]);
 
-    assert_warns(&r.stderr, "api", &["watch", "ignore_watch", "cron_restart"]);
+    assert_warns(&r.stderr, "api", &["watch", "ignore_watch"]);
     assert_warns(&r.stderr, "internal-worker", &["namespace", "instance_var", "source_map_support"]);
     for w in [
         "app `api`: option `out_file`",
@@ -187,7 +189,8 @@ fn json_file_with_fixed_delay_no_autorestart_and_no_interpreter() {
         &[
             r#"command = ["node", "app.js"]"#,
             r#"instances = "max""#,
-            "port = 8080",
+            r#"listen = ["0.0.0.0:8080"]"#,
+            "node_cluster = true",
             r#"ready = "none""#,
             r#"stop_timeout = "3000ms""#,
             "shutdown_with_message = true",
@@ -248,20 +251,43 @@ fn esm_file() {
 }
 
 #[test]
-fn refuses_yaml_invalid_files_and_overwrites() {
-    let yaml = fixture("ecosystem.config.yaml");
-    let out = supctl(&["import", yaml.to_str().expect("utf-8")]);
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stderr)
-            .contains("YAML ecosystem files are not supported yet; convert with `pm2 ecosystem` to JS or JSON"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+fn yaml_file_with_cron_restart_and_an_invalid_pattern() {
+    let r = import("ecosystem.config.yaml", &["--env", "production"]);
+    assert_lines(
+        &r.toml,
+        "[apps.shop]",
+        &[
+            r#"command = ["node", "./dist/server.js"]"#,
+            "instances = 2",
+            r#"listen = ["0.0.0.0:8081"]"#,
+            "node_cluster = true",
+            r#"ready = "pm2""#,
+            r#"ready_timeout = "5000ms""#,
+            r#"stop_timeout = "4000ms""#,
+            r#"stop_signal = "SIGINT""#,
+            r#"cron_restart = "30 4 * * 1-5""#,
+            r#"memory_limit = "512M""#,
+        ],
     );
+    assert_lines(&r.toml, "[apps.shop.env]", &[r#"NODE_ENV = "production""#]);
+    assert_lines(&r.toml, "[apps.mailer]", &[r#"command = ["python3", "mailer.py"]"#, r#"stop_signal = "SIGTERM""#]);
+    assert!(
+        r.stderr.contains("app `mailer`: option `cron_restart` was not carried over: expected a valid pattern"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("the hour field `99` is out of range or malformed"), "{}", r.stderr);
+    assert_warns(&r.stderr, "mailer", &["watch"]);
+    assert_checks(&r.file);
+}
 
+#[test]
+fn refuses_invalid_files_and_overwrites() {
     let dir = tempfile::tempdir().expect("temp dir");
     let cases: &[(&str, &str, &str)] = &[
         ("bad.json", "{ \"apps\": [", "is not valid JSON"),
+        ("bad.yaml", "apps:\n  - name: [x\n", "is not valid YAML"),
+        ("scalar.yml", "42\n", "expected `{ apps: [...] }` or an array of apps"),
         ("scalar.json", "42", "expected `{ apps: [...] }` or an array of apps"),
         ("noscript.json", r#"{"apps":[{"name":"x"}]}"#, "app `x` has no `script`"),
         ("ecosystem.toml", "", "unknown kind of ecosystem file"),

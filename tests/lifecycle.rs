@@ -465,3 +465,24 @@ fn signal_reaches_every_worker_of_an_app() {
     let bad = d.supctl(&["signal", "trap", "SIGNOPE"]);
     assert_eq!(bad.status.code(), Some(2));
 }
+
+#[test]
+fn cron_restart_rolls_the_app_on_schedule() {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "[apps.web]\ncommand = [\"{}\"]\ninstances = 2\nlisten = [\"127.0.0.1:{port}\"]\nready = \"notify\"\n\
+         cron_restart = \"*/2 * * * * *\"\n",
+        demo()
+    ));
+    let first = d.wait_ready("web", 2);
+    // Every slot is replaced by a rolling restart, recorded as such.
+    let replaced = wait_until("both slots restarted by cron", DEADLINE, || {
+        let now = d.instances("web");
+        let done = now.iter().zip(&first).all(|(n, f)| {
+            n.pid.is_some() && n.pid != f.pid && n.last_restart_reason == Some(sup_proto::RestartReason::Cron)
+        });
+        done.then_some(now)
+    });
+    assert!(replaced.iter().all(|i| i.version > first[0].version), "{replaced:?}");
+    d.wait_log("cron_restart: rolling restart", DEADLINE);
+}

@@ -325,7 +325,7 @@ mod tests {
             ),
             (
                 "cron_restart = \"0 25 * * *\"",
-                "/x/sup.toml:3:16: key `apps.web.cron_restart`: invalid cron pattern `0 25 * * *`: the hour field `25` is invalid (Component error: Number out of bounds.)",
+                "/x/sup.toml:3:16: key `apps.web.cron_restart`: invalid cron pattern `0 25 * * *`: the hour field `25` is out of range or malformed",
             ),
             (
                 "ready = { tcp = true }",

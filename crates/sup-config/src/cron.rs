@@ -25,7 +25,7 @@ impl CronSchedule {
         }
         let cron = Cron::from_str(pattern).map_err(|e| match bad_field(pattern) {
             Some((name, value)) => {
-                format!("invalid cron pattern `{pattern}`: the {name} field `{value}` is invalid ({e})")
+                format!("invalid cron pattern `{pattern}`: the {name} field `{value}` is out of range or malformed")
             }
             None => format!("invalid cron pattern `{pattern}`: {e}"),
         })?;

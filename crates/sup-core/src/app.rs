@@ -107,6 +107,11 @@ impl App {
         AppStatus { name: self.name.clone(), log_lines_lost: self.ctx.logs.lost(), instances, rollout }
     }
 
+    /// Whether any slot has a worker process.
+    pub fn is_running(&self) -> bool {
+        self.slots().iter().any(|s| s.view.borrow().pid.is_some())
+    }
+
     /// Starts every slot that is not running; waits until all are ready or failed.
     pub async fn start(self: &Arc<Self>, wait: bool) -> AppResult {
         self.run_op("start", wait, |app| async move {
@@ -512,6 +517,7 @@ impl App {
 fn reason_kind(r: RestartReason) -> &'static str {
     match r {
         RestartReason::Config => "config",
+        RestartReason::Cron => "cron",
         _ => "reload",
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod app;
 pub mod control;
+pub mod cron;
 pub mod listeners;
 pub mod logread;
 pub mod logs;

@@ -114,6 +114,7 @@ impl Supervisor {
             initial: Mutex::new(Vec::new()),
         });
         crate::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
+        crate::cron::start(Arc::downgrade(&sup));
         let mut starts = Vec::new();
         for app in sup.apps() {
             if app.spec().cfg.autostart {

@@ -73,6 +73,8 @@ pub enum RestartReason {
     Watchdog,
     /// A configuration change replaced it.
     Config,
+    /// Its `cron_restart` schedule came due.
+    Cron,
 }
 
 impl RestartReason {
@@ -85,6 +87,7 @@ impl RestartReason {
             RestartReason::Memory => "memory",
             RestartReason::Watchdog => "watchdog",
             RestartReason::Config => "config",
+            RestartReason::Cron => "cron",
         }
     }
 }

@@ -133,7 +133,8 @@ fn read_ecosystem(path: &Path) -> Result<Value, String> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
     match ext.as_str() {
         "yml" | "yaml" => {
-            Err("YAML ecosystem files are not supported yet; convert with `pm2 ecosystem` to JS or JSON".into())
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
+            serde_norway::from_str(&text).map_err(|e| format!("`{}` is not valid YAML: {e}", path.display()))
         }
         "json" => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
@@ -144,7 +145,7 @@ fn read_ecosystem(path: &Path) -> Result<Value, String> {
             eval_js(path)
         }
         _ => Err(format!(
-            "`{}`: unknown kind of ecosystem file; expected a .js, .cjs, .mjs or .json file",
+            "`{}`: unknown kind of ecosystem file; expected a .js, .cjs, .mjs, .json, .yaml or .yml file",
             path.display()
         )),
     }
@@ -356,6 +357,7 @@ const HANDLED: &[&str] = &[
     "wait_ready",
     "listen_timeout",
     "kill_timeout",
+    "kill_signal",
     "shutdown_with_message",
     "max_memory_restart",
     "exp_backoff_restart_delay",
@@ -378,6 +380,7 @@ const HANDLED: &[&str] = &[
     "uid",
     "gid",
     "autostart",
+    "cron_restart",
 ];
 
 /// Why some well-known PM2 options have no equivalent, for the output's comments.
@@ -386,7 +389,6 @@ fn hint(key: &str, app: &str) -> Option<String> {
         "watch" | "ignore_watch" | "watch_delay" | "watch_options" => {
             format!("run `supctl reload {app}` from your deploy script or a file watcher")
         }
-        "cron_restart" => format!("use a systemd timer or a cron job that runs `supctl reload {app}`"),
         "namespace" => "sup has no namespaces; address the app by its name".into(),
         "instance_var" | "increment_var" => "sup sets SUP_INSTANCE and NODE_APP_INSTANCE to the slot number".into(),
         "time" => "sup stamps every log line with the time".into(),
@@ -545,26 +547,50 @@ fn convert_app(
         None => "1".to_string(),
         Some(v) => instances(v, &mut t),
     };
-    if cluster {
-        t.comment(
-            "PM2 cluster mode: sup starts one process per slot. For zero-downtime reloads the app should \
-             accept connections on the inherited fd 3 with `listen` (see docs/rollouts.md), or bind PORT \
-             itself with SO_REUSEPORT.",
-        );
-    } else if obj.contains_key("exec_mode") {
-        t.comment("PM2 fork mode");
-    }
-    t.set("instances", instances);
-
-    // PORT of a clustered app becomes `port`.
-    if cluster {
-        if let Some(port) = env.get("PORT").and_then(|p| p.trim().parse::<u16>().ok()) {
+    let node = command.first().is_some_and(|c| Path::new(c).file_name().is_some_and(|f| f == "node"));
+    let port = if cluster { env.get("PORT").and_then(|p| p.trim().parse::<u16>().ok()) } else { None };
+    match (cluster, port) {
+        (true, Some(port)) if node => {
             env.remove("PORT");
+            t.comment(
+                "PM2 cluster mode: one worker per slot. As Node cluster workers, their server.listen(PORT) \
+                 gets the slot's socket from supd, so reloads drop no connection without changing the app.",
+            );
+            t.set("instances", instances);
             t.comment(&format!(
-                "PORT from env. sup passes it as PORT; for zero-downtime reloads, have the app listen on the \
-                 inherited fd 3 and replace `port` with listen = [\"127.0.0.1:{port}\"] (see docs/rollouts.md)."
+                "PORT {port} from env (sup passes it on as PORT). PM2 bound every interface: narrow this to \
+                 127.0.0.1 if only a local proxy connects."
             ));
-            t.set("port", port.to_string());
+            t.set("listen", format!("[{}]", q(&format!("0.0.0.0:{port}"))));
+            t.set("node_cluster", "true".into());
+        }
+        (true, port) => {
+            t.comment(
+                "PM2 cluster mode: sup starts one process per slot. For zero-downtime reloads the app should \
+                 accept connections on the inherited fd 3 with `listen` (see docs/rollouts.md), or bind PORT \
+                 itself with SO_REUSEPORT.",
+            );
+            t.set("instances", instances);
+            if let Some(port) = port {
+                env.remove("PORT");
+                t.comment(&format!(
+                    "PORT from env. sup passes it as PORT; for zero-downtime reloads, have the app listen on the \
+                     inherited fd 3 and replace `port` with listen = [\"127.0.0.1:{port}\"] (see docs/rollouts.md)."
+                ));
+                t.set("port", port.to_string());
+            } else if node {
+                t.comment(
+                    "No PORT in env: add listen = [\"0.0.0.0:PORT\"] and node_cluster = true so that the workers' \
+                     server.listen(PORT) shares supd's sockets.",
+                );
+                t.warnings.push("cluster mode without PORT in env: set `listen` and `node_cluster` by hand".into());
+            }
+        }
+        (false, _) => {
+            if obj.contains_key("exec_mode") {
+                t.comment("PM2 fork mode");
+            }
+            t.set("instances", instances);
         }
     }
 
@@ -610,6 +636,18 @@ fn convert_app(
             }
             None => t.invalid("kill_timeout", v, "milliseconds"),
         }
+    }
+    // PM2 stops apps with SIGINT unless told otherwise; apps written for it handle that one.
+    match obj.get("kill_signal") {
+        None | Some(Value::Null) => {
+            t.comment("PM2's default kill_signal (sup's default is SIGTERM)");
+            t.set("stop_signal", q("SIGINT"));
+        }
+        Some(Value::String(sig)) if sup_config::parse_signal(sig.trim()).is_ok() => {
+            t.comment("PM2 kill_signal");
+            t.set("stop_signal", q(sig.trim()));
+        }
+        Some(v) => t.invalid("kill_signal", v, "a signal name such as \"SIGINT\""),
     }
     match obj.get("shutdown_with_message") {
         None | Some(Value::Null) => {}
@@ -694,6 +732,18 @@ fn convert_app(
         None | Some(Value::Null) => {}
         Some(Value::Bool(b)) => t.set("autostart", b.to_string()),
         Some(v) => t.invalid("autostart", v, "true or false"),
+    }
+
+    match obj.get("cron_restart") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(c)) => match sup_config::CronSchedule::parse(c.trim()) {
+            Ok(_) => {
+                t.comment("PM2 cron_restart: sup replaces the workers one by one on this schedule, without downtime");
+                t.set("cron_restart", q(c.trim()));
+            }
+            Err(e) => t.invalid("cron_restart", &Value::String(c.clone()), &format!("a valid pattern ({e})")),
+        },
+        Some(v) => t.invalid("cron_restart", v, "a cron pattern such as \"0 3 * * *\""),
     }
 
     // Logs.

@@ -144,22 +144,30 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access)
         let peer_uid = peer.map(|c| c.uid());
         let sup = sup.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| {
-                let sup = sup.clone();
-                async move { Ok::<_, Infallible>(route(sup, allowed, peer_uid, req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(REQUEST_TIMEOUT)
-                // A client that shuts down its sending side still gets its answer.
-                .half_close(true)
-                .max_buf_size(16 * 1024)
-                .serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.await {
-                tracing::debug!("control connection ended: {e}");
-            }
+            serve_connection(sup, stream, allowed, peer_uid).await;
             drop(permit);
         });
+    }
+}
+
+/// Serves one control connection: HTTP/1.1 requests until the peer closes it or a limit ends it.
+pub async fn serve_connection<IO>(sup: Arc<Supervisor>, io: IO, allowed: bool, peer_uid: Option<u32>)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let sup = sup.clone();
+        async move { Ok::<_, Infallible>(route(sup, allowed, peer_uid, req).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(REQUEST_TIMEOUT)
+        // A client that shuts down its sending side still gets its answer.
+        .half_close(true)
+        .max_buf_size(16 * 1024)
+        .serve_connection(TokioIo::new(io), service);
+    if let Err(e) = conn.await {
+        tracing::debug!("control connection ended: {e}");
     }
 }
 

@@ -171,32 +171,24 @@ impl Reader {
             let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
             let mut out = Vec::with_capacity(buf.len() + buf.len() / 2 + 64);
             let mut lines = 0;
-            let mut last: Vec<&[u8]> = Vec::new();
-            let mut rest = &buf[..];
-            while let Some(pos) = memchr(b'\n', rest) {
-                let (line, after) = rest.split_at(pos);
-                if partial.is_empty() {
-                    self.emit(&mut out, &stamp, &prefix, line);
-                    last.push(line);
-                } else {
-                    partial.extend_from_slice(line);
-                    let whole = std::mem::take(&mut partial);
-                    self.emit(&mut out, &stamp, &prefix, &whole);
-                    self.remember(&[&whole]);
+            // Where the chunk's last lines are in `buf`: only they can end up in the tail.
+            let mut last: std::collections::VecDeque<std::ops::Range<usize>> = std::collections::VecDeque::new();
+            split_lines(&mut partial, &buf, max_line, |line, at| {
+                self.emit(&mut out, &stamp, &prefix, line);
+                lines += 1;
+                match at {
+                    Some(start) => {
+                        if last.len() == TAIL_LINES {
+                            last.pop_front();
+                        }
+                        last.push_back(start..start + line.len());
+                    }
+                    // Begun in an earlier read: remembered now, before the later ones.
+                    None => self.remember(&[line]),
                 }
-                lines += 1;
-                rest = &after[1..];
-            }
-            // Only the chunk's last lines can end up in the tail.
-            let keep = last.len().saturating_sub(TAIL_LINES);
-            self.remember(&last[keep..]);
-            partial.extend_from_slice(rest);
-            while partial.len() >= max_line {
-                let line: Vec<u8> = partial.drain(..max_line).collect();
-                self.emit(&mut out, &stamp, &prefix, &line);
-                self.remember(&[&line]);
-                lines += 1;
-            }
+            });
+            let last: Vec<&[u8]> = last.into_iter().map(|r| &buf[r]).collect();
+            self.remember(&last);
             if !out.is_empty() && self.logs.tx.send(Chunk { stream: self.stream, data: out, lines }).await.is_err() {
                 return;
             }
@@ -261,6 +253,34 @@ impl Reader {
             }
             t.push_back(String::from_utf8_lossy(&line[..line.len().min(512)]).into_owned());
         }
+    }
+}
+
+/// Splits `buf`, read after the unfinished line `partial`, into lines of at
+/// most `max_line` bytes without their newline, and gives each to `line` with
+/// its offset in `buf` (None when it began in an earlier read or was cut at
+/// `max_line`). What is left unfinished stays in `partial`.
+pub fn split_lines(partial: &mut Vec<u8>, buf: &[u8], max_line: usize, mut line: impl FnMut(&[u8], Option<usize>)) {
+    let max_line = max_line.max(1);
+    let mut at = 0;
+    while let Some(pos) = memchr(b'\n', &buf[at..]) {
+        let l = &buf[at..at + pos];
+        if partial.is_empty() && l.len() <= max_line {
+            line(l, Some(at));
+        } else {
+            partial.extend_from_slice(l);
+            let whole = std::mem::take(partial);
+            for piece in whole.chunks(max_line) {
+                line(piece, None);
+            }
+        }
+        at += pos + 1;
+    }
+    partial.extend_from_slice(&buf[at..]);
+    // A line of exactly max_line bytes waits for its newline rather than leave an empty line behind.
+    while partial.len() > max_line {
+        let l: Vec<u8> = partial.drain(..max_line).collect();
+        line(&l, None);
     }
 }
 
@@ -494,6 +514,35 @@ pub fn tail_lines(tail: &Tail) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn split_all(reads: &[&[u8]], max: usize) -> (Vec<(String, bool)>, Vec<u8>) {
+        let mut partial = Vec::new();
+        let mut out = Vec::new();
+        for r in reads {
+            split_lines(&mut partial, r, max, |l, at| {
+                if let Some(at) = at {
+                    assert_eq!(&r[at..at + l.len()], l, "the offset points at the line");
+                }
+                out.push((String::from_utf8_lossy(l).into_owned(), at.is_some()));
+            });
+        }
+        (out, partial)
+    }
+
+    #[test]
+    fn splits_lines_across_reads_and_cuts_long_ones() {
+        let (lines, rest) = split_all(&[b"a\nbb", b"b\n\nccc"], 8);
+        let want = [("a", true), ("bbb", false), ("", true)].map(|(l, b)| (l.to_string(), b));
+        assert_eq!((lines, rest), (want.to_vec(), b"ccc".to_vec()));
+        // Long lines are cut at max_line, whether they arrive in one read or several.
+        let (lines, rest) = split_all(&[b"abcdefg\n", b"abc", b"defg", b"\n"], 3);
+        let texts: Vec<_> = lines.iter().map(|(l, _)| l.as_str()).collect();
+        assert_eq!(texts, ["abc", "def", "g", "abc", "def", "g"]);
+        assert!(rest.is_empty());
+        // A line of exactly max_line leaves no empty line behind.
+        let (lines, _) = split_all(&[b"abc", b"\n"], 3);
+        assert_eq!(lines, vec![("abc".to_string(), false)]);
+    }
 
     #[test]
     fn text_lines_parse_back() {

@@ -1,0 +1,54 @@
+//! The control API: raw bytes from a connected client, through hyper and
+//! supd's router, against a live supervisor with one (never started) app.
+//! Every input ends with an answer or a closed connection, never a panic or a hang.
+#![no_main]
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use libfuzzer_sys::fuzz_target;
+use sup_core::supervisor::Supervisor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    sup: Arc<Supervisor>,
+}
+
+fn harness() -> &'static Harness {
+    static H: OnceLock<Harness> = OnceLock::new();
+    H.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("sup-fuzz-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("supervisor.toml");
+        let text = format!(
+            "[supervisor]\nrun_dir = \"{d}/run\"\nlog_dir = \"{d}/logs\"\ncontrol_socket = \"{d}/ctl.sock\"\n\
+             [apps.idle]\ncommand = [\"/bin/true\"]\nautostart = false\n",
+            d = dir.display()
+        );
+        std::fs::write(&path, &text).expect("config");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let cfg = sup_config::load(&path).expect("valid config");
+        let sup = rt.block_on(Supervisor::start(cfg)).expect("supervisor");
+        Harness { rt, sup }
+    })
+}
+
+fuzz_target!(|data: &[u8]| {
+    let h = harness();
+    h.rt.block_on(async {
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let allowed = data.first().is_some_and(|b| b & 1 == 0);
+        let conn = tokio::spawn(sup_core::control::serve_connection(h.sup.clone(), server, allowed, Some(1000)));
+        let _ = client.write_all(data).await;
+        let _ = client.shutdown().await;
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "the connection ends");
+        if !answer.is_empty() {
+            assert!(answer.starts_with(b"HTTP/1."), "{:?}", String::from_utf8_lossy(&answer));
+        }
+        drop(client);
+        let _ = tokio::time::timeout(Duration::from_secs(20), conn).await;
+    });
+});

@@ -230,9 +230,31 @@ fn supd_is_a_native_notify_reload_service_under_real_systemd() {
         assert!(!gone.status.success(), "old worker {p} is gone");
     }
 
-    // kill -9 of supd: systemd restarts it and the apps come back ready.
+    // kill -9 of supd under load: systemd holds the listening sockets in its fd
+    // store while it restarts supd, so connections made meanwhile queue and are
+    // served by the new workers instead of being refused.
+    let journal = ct.ok("journalctl -u supd --no-pager -o cat");
+    assert!(journal.contains("kept in systemd's fd store"), "{journal}");
+    let clients = 2;
+    let load = Load::start(port, &[Mode::NewConnection], clients);
+    load.wait_for(100);
     let main = ct.ok("systemctl show -p MainPID --value supd").trim().to_string();
+    let old_workers = ct.pids();
     ct.ok(&format!("kill -9 {main}"));
+    wait_until("the old supd and its workers to be gone", Duration::from_secs(30), || {
+        let gone = |p: &str| !ct.sh(&format!("kill -0 {p} 2>/dev/null")).status.success();
+        (gone(&main) && old_workers.iter().all(|w| gone(&w.to_string()))).then_some(())
+    });
+    // Nobody serves the port now; the connection must still be accepted and answered.
+    let during = std::thread::spawn(move || -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(90)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer)?;
+        Ok(answer)
+    });
     wait_until("systemd to restart supd", Duration::from_secs(60), || {
         let now = ct.ok("systemctl show -p MainPID --value supd").trim().to_string();
         let active = ct.sh("systemctl is-active supd").status.success();
@@ -243,6 +265,18 @@ fn supd_is_a_native_notify_reload_service_under_real_systemd() {
         let s: StatusResponse = serde_json::from_slice(&out.stdout).ok()?;
         s.apps[0].instances.iter().all(|i| i.state == WorkerState::Ready).then_some(())
     });
+    let answered = during.join().expect("probe thread");
+    assert!(
+        answered.as_ref().is_ok_and(|a| a.starts_with("HTTP/1.1 200")),
+        "a connection made while supd was down: {answered:?}"
+    );
+    load.wait_for(100);
+    let stats = load.finish();
+    eprintln!("supd SIGKILLed under load: {stats:?}");
+    // Only requests in flight on the killed workers may fail.
+    assert!(stats.failed <= clients as u64, "{} failures > {clients} in flight: {:?}", stats.failed, stats.errors);
+    let journal = ct.ok("journalctl -u supd --no-pager -o cat");
+    assert!(journal.contains("adopted listening socket"), "the new supd took the sockets back: {journal}");
 
     // stop leaves no worker in the container.
     ct.ok("systemctl stop supd");

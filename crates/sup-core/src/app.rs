@@ -49,7 +49,7 @@ impl App {
         let spec = Arc::new(AppSpec { cfg, version: 1 });
         let mut slots = Vec::new();
         for slot in 0..spec.cfg.instances {
-            let sock = Arc::new(sockets.for_slot(&spec.cfg)?);
+            let sock = Arc::new(sockets.for_slot(&spec.cfg, slot)?);
             let handle = spawn_slot(slot, ctx.clone(), spec.clone(), sock.clone());
             slots.push(Slot { handle, _sockets: sock });
         }
@@ -289,7 +289,7 @@ impl App {
             for slot in current..n {
                 let sockets = {
                     let inner = self.inner();
-                    inner.sockets.for_slot(&spec.cfg)
+                    inner.sockets.for_slot(&spec.cfg, slot)
                 };
                 let sockets = match sockets {
                     Ok(s) => Arc::new(s),

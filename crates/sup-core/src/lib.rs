@@ -22,6 +22,7 @@
 pub mod app;
 pub mod control;
 pub mod cron;
+pub mod fdstore;
 pub mod listeners;
 pub mod logread;
 pub mod logs;

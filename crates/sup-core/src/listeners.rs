@@ -12,10 +12,12 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use socket2::{Domain, SockAddr, Socket, Type};
+
+use crate::fdstore::{adopt_or_bind, StoredFd};
 use sup_config::{AppConfig, ListenAddr};
 
 /// A socket and its `LISTEN_FDNAMES` name.
-type Named = (Arc<OwnedFd>, String);
+type Named = (Arc<StoredFd>, String);
 
 /// The listening sockets of one slot, in `listen` order.
 ///
@@ -26,9 +28,10 @@ type Named = (Arc<OwnedFd>, String);
 #[derive(Debug)]
 pub struct SlotSockets {
     app: String,
+    slot: u32,
     backlog: u32,
     // Per address: the shared Unix socket, or None for a per-slot TCP one.
-    addrs: Vec<(ListenAddr, Option<Arc<OwnedFd>>)>,
+    addrs: Vec<(ListenAddr, Option<Arc<StoredFd>>)>,
     open: Mutex<Option<Vec<Named>>>,
 }
 
@@ -38,11 +41,14 @@ impl SlotSockets {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.is_none() {
             let mut socks = Vec::new();
-            for (addr, shared) in &self.addrs {
+            for (i, (addr, shared)) in self.addrs.iter().enumerate() {
                 let fd = match (addr, shared) {
                     (_, Some(fd)) => fd.clone(),
                     (ListenAddr::Tcp(a), None) => {
-                        Arc::new(bind_tcp(*a, self.backlog).map_err(|e| err(&self.app, addr, e))?)
+                        let base = format!("{}/{}/{i}", self.app, self.slot);
+                        let backlog = self.backlog;
+                        let stored = adopt_or_bind(&base, |fd| bound_to(fd, addr), || bind_tcp(*a, backlog));
+                        Arc::new(stored.map_err(|e| err(&self.app, addr, e))?)
                     }
                     (ListenAddr::Unix(_), None) => continue,
                 };
@@ -76,7 +82,7 @@ pub struct ListenError {
 /// The sockets of an app: shared Unix sockets plus per-slot TCP sockets.
 #[derive(Debug, Default)]
 pub struct AppSockets {
-    unix: Vec<Option<Arc<OwnedFd>>>,
+    unix: Vec<Option<Arc<StoredFd>>>,
 }
 
 impl AppSockets {
@@ -86,10 +92,12 @@ impl AppSockets {
             ensure_migrate_req();
         }
         let mut unix = Vec::new();
-        for addr in &cfg.listen {
+        for (i, addr) in cfg.listen.iter().enumerate() {
             unix.push(match addr {
                 ListenAddr::Unix(path) => {
-                    Some(Arc::new(bind_unix(path, cfg.listen_backlog).map_err(|e| err(&cfg.name, addr, e))?))
+                    let base = format!("{}/unix/{i}", cfg.name);
+                    let stored = adopt_or_bind(&base, |fd| bound_to(fd, addr), || bind_unix(path, cfg.listen_backlog));
+                    Some(Arc::new(stored.map_err(|e| err(&cfg.name, addr, e))?))
                 }
                 ListenAddr::Tcp(_) => None,
             });
@@ -98,9 +106,10 @@ impl AppSockets {
     }
 
     /// Binds a slot's own TCP sockets now (so start-up fails early) and pairs them with the shared ones.
-    pub fn for_slot(&self, cfg: &AppConfig) -> Result<SlotSockets, ListenError> {
+    pub fn for_slot(&self, cfg: &AppConfig, slot: u32) -> Result<SlotSockets, ListenError> {
         let sockets = SlotSockets {
             app: cfg.name.clone(),
+            slot,
             backlog: cfg.listen_backlog,
             addrs: cfg.listen.iter().cloned().zip(self.unix.iter().cloned()).collect(),
             open: Mutex::new(None),
@@ -117,6 +126,15 @@ fn err(app: &str, addr: &ListenAddr, e: std::io::Error) -> ListenError {
         e.to_string()
     };
     ListenError { app: app.to_string(), addr: addr.to_string(), reason }
+}
+
+/// Whether a socket passed by systemd is bound where `addr` says (the config may have changed meanwhile).
+fn bound_to(fd: &OwnedFd, addr: &ListenAddr) -> bool {
+    let Ok(local) = socket2::SockRef::from(fd).local_addr() else { return false };
+    match addr {
+        ListenAddr::Tcp(a) => local.as_socket() == Some(*a),
+        ListenAddr::Unix(p) => local.as_pathname() == Some(p.as_path()),
+    }
 }
 
 fn bind_tcp(addr: SocketAddr, backlog: u32) -> std::io::Result<OwnedFd> {

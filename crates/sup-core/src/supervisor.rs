@@ -82,8 +82,16 @@ pub struct Supervisor {
 }
 
 /// Variables meant for supd itself, never passed on to workers.
-const OWN_VARS: &[&str] =
-    &["NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID", "SUPD_CONFIG"];
+const OWN_VARS: &[&str] = &[
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "SUPD_CONFIG",
+    "FDSTORE",
+];
 
 impl Supervisor {
     /// Creates folders, binds every listener and starts the autostart apps (without waiting for them).

@@ -61,6 +61,15 @@ fn main() -> ExitCode {
     for w in sup_config::warnings(&config) {
         tracing::warn!("{w}");
     }
+    // Sockets systemd kept for us while a previous supd was down: marked
+    // close-on-exec before any worker is forked, so none inherits them by accident.
+    let passed = sup_core::fdstore::init();
+    if passed > 0 {
+        tracing::info!("systemd passed {passed} listening socket(s) from its fd store");
+    }
+    if sup_core::fdstore::enabled() {
+        tracing::info!("listening sockets are kept in systemd's fd store across supd restarts");
+    }
     // Orphaned grandchildren come back to us, so we can reap them and none outlives supd.
     // SAFETY: prctl with these arguments has no memory-safety preconditions.
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -108,6 +117,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
+    sup_core::fdstore::release_leftovers();
     if let Some(l) = metrics {
         tracing::info!(
             "metrics on http://{}/metrics and /health",

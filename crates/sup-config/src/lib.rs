@@ -42,7 +42,7 @@ pub use ready::ReadyCheck;
 pub use restart::RestartPolicy;
 pub use signal::parse_signal;
 pub use size::parse_size;
-pub use supervisor::SupervisorConfig;
+pub use supervisor::{SupervisorConfig, FDS_BASE, FDS_PER_WORKER};
 
 use error::Source;
 use raw::RawConfig;
@@ -85,8 +85,22 @@ pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
     let deserializer = toml::Deserializer::new(source);
     let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| src.toml_error(e))?;
 
+    let max_workers_span = raw.supervisor.max_workers.as_ref().map_or(0..0, |m| m.span());
     let supervisor = raw.supervisor.build(&src, &base)?;
     let apps = raw.apps.into_iter().map(|(name, app)| app.build(name.0, &src, &base)).collect::<Result<Vec<_>, _>>()?;
+    let total: u64 = apps.iter().map(|a| u64::from(a.instances)).sum();
+    if total > u64::from(supervisor.max_workers) {
+        let each: Vec<String> = apps.iter().map(|a| format!("{}: {}", a.name, a.instances)).collect();
+        return Err(src.error(
+            max_workers_span,
+            "supervisor.max_workers".to_string(),
+            format!(
+                "the apps ask for {total} workers in all ({}), more than max_workers = {}",
+                each.join(", "),
+                supervisor.max_workers
+            ),
+        ));
+    }
     Ok(Config { path, supervisor, apps })
 }
 

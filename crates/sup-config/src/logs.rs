@@ -53,6 +53,8 @@ pub struct LogConfig {
     pub compress: bool,
     /// Longer lines are split (default 64K).
     pub max_line: usize,
+    /// Output held in memory per app while the disk is behind (default 4M); beyond it workers wait on their pipes.
+    pub buffer: u64,
 }
 
 impl Default for LogConfig {
@@ -66,6 +68,7 @@ impl Default for LogConfig {
             keep: 14,
             compress: false,
             max_line: 64 * 1024,
+            buffer: 4 * 1024 * 1024,
         }
     }
 }
@@ -81,6 +84,7 @@ struct RawLogTable {
     keep: Option<u32>,
     compress: Option<bool>,
     max_line: Option<SizeValue>,
+    buffer: Option<SizeValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -184,6 +188,13 @@ impl<'de> Deserialize<'de> for RawLogs {
                     Some(SizeValue(n)) => usize::try_from(n).unwrap_or(usize::MAX),
                     None => d.max_line,
                 };
+                let buffer = match t.buffer {
+                    Some(SizeValue(n)) if !(256 * 1024..=1024 * 1024 * 1024).contains(&n) => {
+                        return Err(de::Error::custom("buffer must be between 256K and 1G"))
+                    }
+                    Some(SizeValue(n)) => n,
+                    None => d.buffer,
+                };
                 Ok(RawLogs(LogConfig {
                     target: match t.target {
                         Some(TargetValue::Journald) => LogTarget::Journald,
@@ -196,6 +207,7 @@ impl<'de> Deserialize<'de> for RawLogs {
                     keep: t.keep.unwrap_or(d.keep),
                     compress: t.compress.unwrap_or(false),
                     max_line,
+                    buffer,
                 }))
             }
         }
@@ -213,7 +225,7 @@ mod tests {
         assert_eq!(parse_app("").logs, LogConfig::default());
         assert_eq!(parse_app("logs = \"journald\"").logs.target, LogTarget::Journald);
         let l = parse_app(
-            "logs = { format = \"json\", combined = true, rotate_size = \"1M\", rotate_every = \"daily\", keep = 3, compress = true, max_line = \"1K\" }",
+            "logs = { format = \"json\", combined = true, rotate_size = \"1M\", rotate_every = \"daily\", keep = 3, compress = true, max_line = \"1K\", buffer = \"1M\" }",
         )
         .logs;
         assert_eq!(
@@ -227,6 +239,7 @@ mod tests {
                 keep: 3,
                 compress: true,
                 max_line: 1024,
+                buffer: 1 << 20,
             }
         );
         assert_eq!(parse_app("logs = { rotate_size = \"off\", rotate_every = \"90m\" }").logs.rotate_size, None);
@@ -239,6 +252,7 @@ mod tests {
             ("logs = { keeep = 3 }", "unknown"),
             ("logs = { rotate_every = \"soon\" }", "or use \"hourly\", \"daily\", \"weekly\""),
             ("logs = { max_line = \"10\" }", "max_line must be at least 256 bytes"),
+            ("logs = { buffer = \"4K\" }", "buffer must be between 256K and 1G"),
         ];
         for (line, want) in cases {
             let err = app_err(line);

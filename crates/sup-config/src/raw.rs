@@ -45,6 +45,9 @@ pub(crate) struct RawSupervisor {
     pub metrics: Option<TcpAddr>,
     pub log_level: Option<Spanned<String>>,
     pub log_file: Option<String>,
+    pub max_workers: Option<Spanned<AtLeastOne>>,
+    pub max_control_connections: Option<AtLeastOne>,
+    pub max_open_files: Option<Spanned<AtLeastOne>>,
 }
 
 /// `[apps.NAME]`.

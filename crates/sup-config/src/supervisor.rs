@@ -34,7 +34,18 @@ pub struct SupervisorConfig {
     pub log_level: String,
     /// supd's own log file; stderr when unset.
     pub log_file: Option<PathBuf>,
+    /// Most worker processes of all apps together.
+    pub max_workers: u32,
+    /// Most control connections served at once; more are refused with 503.
+    pub max_control_connections: u32,
+    /// supd raises its open-files limit to this (capped by the hard limit).
+    pub max_open_files: u32,
 }
+
+/// Files supd holds open per worker: notify socket, two pipes, IPC channel, pidfd, listening sockets and slack.
+pub const FDS_PER_WORKER: u32 = 8;
+/// Files supd holds open besides workers and control connections.
+pub const FDS_BASE: u32 = 64;
 
 impl RawSupervisor {
     /// Applies defaults, resolves paths against `base` and checks values.
@@ -70,6 +81,23 @@ impl RawSupervisor {
             }
             Some(l) => l.into_inner(),
         };
+        let max_workers = self.max_workers.as_ref().map_or(4096, |m| m.get_ref().0);
+        let max_control_connections = self.max_control_connections.map_or(256, |m| m.0);
+        let max_open_files = self.max_open_files.as_ref().map_or(65_536, |m| m.get_ref().0);
+        let needed =
+            max_workers.saturating_mul(FDS_PER_WORKER).saturating_add(max_control_connections).saturating_add(FDS_BASE);
+        if max_open_files < needed {
+            let span = self.max_open_files.as_ref().map(|m| m.span()).or(self.max_workers.as_ref().map(|m| m.span()));
+            let msg = format!(
+                "max_open_files = {max_open_files} is too low for max_workers = {max_workers} and \
+                 max_control_connections = {max_control_connections}: supd needs up to {needed} \
+                 ({FDS_PER_WORKER} per worker, 1 per control connection, {FDS_BASE} of its own)"
+            );
+            return Err(match span {
+                Some(span) => src.error(span, key("max_open_files"), msg),
+                None => src.error(0..0, key("max_open_files"), msg),
+            });
+        }
         Ok(SupervisorConfig {
             control_socket,
             control_socket_mode: self.control_socket_mode.map_or(0o660, |m| m.0),
@@ -80,6 +108,9 @@ impl RawSupervisor {
             metrics: self.metrics.map(|m| m.0),
             log_level,
             log_file: self.log_file.map(|f| resolve(base, &f)),
+            max_workers,
+            max_control_connections,
+            max_open_files,
         })
     }
 }
@@ -101,6 +132,7 @@ mod tests {
         assert_eq!(s.monitor_interval, Duration::from_secs(1));
         assert_eq!(s.metrics, None);
         assert_eq!(s.log_level, "info");
+        assert_eq!((s.max_workers, s.max_control_connections, s.max_open_files), (4096, 256, 65_536));
     }
 
     #[test]
@@ -132,6 +164,18 @@ mod tests {
             (
                 "[supervisor]\ncontrol_sockt = \"a\"\n",
                 "/x/sup.toml:2:1: key `supervisor.control_sockt`: unknown key (did you mean `control_socket`?)",
+            ),
+            (
+                "[supervisor]\nmax_open_files = 1000\nmax_workers = 200\n",
+                "/x/sup.toml:2:18: key `supervisor.max_open_files`: max_open_files = 1000 is too low for max_workers = 200 and max_control_connections = 256: supd needs up to 1920 (8 per worker, 1 per control connection, 64 of its own)",
+            ),
+            (
+                "[supervisor]\nmax_workers = 2\n[apps.web]\ncommand = \"x\"\ninstances = 2\n[apps.q]\ncommand = \"y\"\n",
+                "/x/sup.toml:2:15: key `supervisor.max_workers`: the apps ask for 3 workers in all (web: 2, q: 1), more than max_workers = 2",
+            ),
+            (
+                "[supervisor]\nmax_control_connections = 0\n",
+                "/x/sup.toml:2:27: key `supervisor.max_control_connections`: must be at least 1, found `0`",
             ),
             (
                 "[supervisor]\nmonitor_interval = 1\n",

@@ -31,10 +31,12 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::app::Progress;
 use crate::supervisor::{ApiError, Supervisor, Verb};
 
-/// Most control connections served at once; more wait in the backlog.
-const MAX_CONNECTIONS: usize = 128;
+/// Connections of peers that may not use the socket, each answered 403; more are closed at once.
+const MAX_REFUSED_CONNECTIONS: usize = 16;
 /// Time a client has to send its headers, and then its body.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a connection may sit without a complete request header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -122,14 +124,15 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Serves the control API until the listener fails.
-pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access) {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+/// Serves the control API until the listener fails; at most `max_connections` at once.
+///
+/// The accept loop never waits: a connection over the limit gets a 503 at
+/// once, and peers that may not use the socket share a small pool of their
+/// own, so neither can keep an allowed `supctl` waiting.
+pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access, max_connections: usize) {
+    let limit = Arc::new(Semaphore::new(max_connections.max(1)));
+    let strangers = Arc::new(Semaphore::new(MAX_REFUSED_CONNECTIONS));
     loop {
-        let permit = match limit.clone().acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => return,
-        };
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
             Err(e) => {
@@ -142,12 +145,54 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access)
         let peer = stream.peer_cred().ok();
         let allowed = peer.is_some_and(|c| access.allows(c.uid(), c.gid(), c.pid()));
         let peer_uid = peer.map(|c| c.uid());
+        let pool = if allowed { &limit } else { &strangers };
+        let Ok(permit) = pool.clone().try_acquire_owned() else {
+            if allowed {
+                tokio::spawn(refuse_busy(stream, max_connections));
+            }
+            continue;
+        };
         let sup = sup.clone();
         tokio::spawn(async move {
             serve_connection(sup, stream, allowed, peer_uid).await;
             drop(permit);
         });
     }
+}
+
+/// Answers 503 once the request head is in (a client sees an answer only to a
+/// request it sent), then drains briefly so the answer is not lost to a reset.
+async fn refuse_busy(mut stream: tokio::net::UnixStream, max: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = format!(
+        "{{\"error\":{{\"code\":\"busy\",\"message\":\"too many control connections ({max} open, \
+         max_control_connections); try again\"}}}}"
+    );
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 4096];
+        while head.len() < 16 * 1024 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => head.extend_from_slice(&buf[..n]),
+            }
+        }
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match stream.read(&mut buf).await? {
+                0 => break,
+                n => total += n,
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
 }
 
 /// Serves one control connection: HTTP/1.1 requests until the peer closes it or a limit ends it.
@@ -161,7 +206,7 @@ where
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(REQUEST_TIMEOUT)
+        .header_read_timeout(HEADER_TIMEOUT)
         // A client that shuts down its sending side still gets its answer.
         .half_close(true)
         .max_buf_size(16 * 1024)

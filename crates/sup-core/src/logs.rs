@@ -31,8 +31,6 @@ use tokio::sync::{broadcast, mpsc};
 const READ_CHUNK: usize = 256 * 1024;
 /// Lines of each worker kept in memory for failure reports.
 const TAIL_LINES: usize = 20;
-/// Chunks queued per app before readers wait for the writer.
-const QUEUE: usize = 16;
 
 /// Last lines a worker printed, newest last.
 pub type Tail = Arc<Mutex<VecDeque<String>>>;
@@ -85,7 +83,8 @@ pub fn file_names(app: &str, cfg: &LogConfig) -> Vec<(Option<Stream>, String)> {
 impl AppLogs {
     /// Opens (appending) the app's files and starts its writer thread.
     pub fn open(dir: &Path, app: &str, cfg: &LogConfig) -> std::io::Result<AppLogs> {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        // The queue holds whole reads: the configured buffer in READ_CHUNK units.
+        let (tx, rx) = mpsc::channel((cfg.buffer / READ_CHUNK as u64).clamp(1, 4096) as usize);
         let lost = Arc::new(AtomicU64::new(0));
         let reopen = Arc::new(AtomicU64::new(0));
         let mut writer = Writer {

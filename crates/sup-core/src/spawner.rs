@@ -308,6 +308,15 @@ unsafe fn child_exec(p: &mut Prepared) -> ! {
                 fail(p, 5);
             }
         }
+        // supd raised its own open-files limit; workers start with the one supd was given.
+        let nofile = WORKER_NOFILE.load(std::sync::atomic::Ordering::Relaxed);
+        if nofile != 0 {
+            let mut lim: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                lim.rlim_cur = nofile.min(lim.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            }
+        }
         // After the credential change, which clears it.
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
             fail(p, 6);
@@ -319,6 +328,30 @@ unsafe fn child_exec(p: &mut Prepared) -> ! {
         libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr());
         fail(p, 7)
     }
+}
+
+/// Soft open-files limit given to workers (0: leave supd's).
+static WORKER_NOFILE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raises supd's soft open-files limit to `want` (capped by the hard limit) and
+/// keeps the old soft limit for the workers; returns the new limit.
+pub fn raise_nofile(want: u64) -> std::io::Result<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write to and read from the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let old = lim.rlim_cur;
+    let new = want.min(lim.rlim_max).max(old);
+    if new != old {
+        lim.rlim_cur = new;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        WORKER_NOFILE.store(old, std::sync::atomic::Ordering::Relaxed);
+    }
+    Ok(new)
 }
 
 /// Writes `n` in decimal followed by NUL; no allocation.

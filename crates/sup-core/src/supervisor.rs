@@ -240,6 +240,15 @@ impl Supervisor {
     /// Changes an app's number of instances.
     pub async fn scale(&self, app: &str, n: u32, wait: bool, progress: Progress) -> Result<ActionResponse, ApiError> {
         let app = self.find(app)?;
+        let max = self.config.lock().unwrap_or_else(|e| e.into_inner()).supervisor.max_workers;
+        let others: u64 = self.apps().iter().filter(|a| a.name != app.name).map(|a| a.slots().len() as u64).sum();
+        if others + u64::from(n) > u64::from(max) {
+            return Err(ApiError::BadRequest(format!(
+                "scaling `{}` to {n} would run {} workers in all, more than max_workers = {max}",
+                app.name,
+                others + u64::from(n)
+            )));
+        }
         let result = app.scale(n, wait, progress).await;
         Ok(ActionResponse { results: vec![result] })
     }

@@ -49,6 +49,12 @@ impl ClientError {
     /// What the user might do about it.
     pub fn hint(&self) -> Option<&'static str> {
         match self {
+            ClientError::Unreachable(_, e) if e.kind() == std::io::ErrorKind::PermissionDenied => Some(
+                "this user may not open the control socket: run as root, as supd's user, or as a member of control_socket_group",
+            ),
+            ClientError::Api { code, .. } if code == "busy" => {
+                Some("supd is serving max_control_connections connections; retry shortly")
+            }
             ClientError::Unreachable(..) => {
                 Some("is supd running? pass --socket PATH or --config FILE if it uses another socket (exit 3)")
             }

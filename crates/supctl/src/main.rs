@@ -120,7 +120,7 @@ enum Command {
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Convert a PM2 ecosystem file (.js, .cjs, .mjs, .json) to a commented supervisor.toml.
+    /// Convert a PM2 ecosystem file (.js, .cjs, .mjs, .json, .yaml, .yml) to a commented supervisor.toml.
     Import(import::ImportArgs),
 }
 

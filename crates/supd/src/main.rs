@@ -61,6 +61,22 @@ fn main() -> ExitCode {
     for w in sup_config::warnings(&config) {
         tracing::warn!("{w}");
     }
+    // Room for every worker and control connection, so a busy host meets a
+    // clear ceiling (max_workers, max_control_connections) before EMFILE.
+    let sc = &config.supervisor;
+    let workers: u32 = config.apps.iter().map(|a| a.instances).sum();
+    let needed = u64::from(workers) * u64::from(sup_config::FDS_PER_WORKER)
+        + u64::from(sc.max_control_connections)
+        + u64::from(sup_config::FDS_BASE);
+    match sup_core::spawner::raise_nofile(u64::from(sc.max_open_files)) {
+        Ok(n) if n < needed => tracing::warn!(
+            "the open-files limit is {n}, below the {needed} that {workers} workers and {} control connections \
+             may need: raise LimitNOFILE= (or ulimit -Hn), or new workers will fail with \"Too many open files\"",
+            sc.max_control_connections
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot raise the open-files limit: {e}"),
+    }
     // Sockets systemd kept for us while a previous supd was down: marked
     // close-on-exec before any worker is forked, so none inherits them by accident.
     let passed = sup_core::fdstore::init();
@@ -127,7 +143,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     }
     let access =
         Access { owner: nix::unistd::geteuid().as_raw(), group: sc.control_socket_group.as_ref().map(|g| g.gid) };
-    let server = tokio::spawn(control::serve(sup.clone(), listener, access));
+    let server = tokio::spawn(control::serve(sup.clone(), listener, access, sc.max_control_connections as usize));
     let notifier = Arc::new(sdnotify::Notifier::from_env());
     {
         let (sup, notifier) = (sup.clone(), notifier.clone());

@@ -221,10 +221,12 @@ fn a_live_control_socket_is_not_stolen_and_a_stale_one_is_replaced() {
     let out = std::process::Command::new(bin("supd")).arg("--config").arg(&d.config).output().expect("second supd");
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is in use by a running supd"));
-    d.wait_ready("web", 1);
+    let worker = d.wait_ready("web", 1)[0].pid.expect("pid");
     // A SIGKILLed supd leaves its socket file behind; the next one takes over.
     let config = d.config.clone();
     d.signal(libc::SIGKILL);
+    // Its worker does not linger as an orphan (PR_SET_PDEATHSIG).
+    wait_until("the orphaned worker to die", DEADLINE, || (!alive(worker)).then_some(()));
     let dir = {
         let mut d = d;
         wait_until("supd killed", DEADLINE, || {

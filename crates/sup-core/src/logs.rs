@@ -276,8 +276,8 @@ pub fn split_lines(partial: &mut Vec<u8>, buf: &[u8], max_line: usize, mut line:
         at += pos + 1;
     }
     partial.extend_from_slice(&buf[at..]);
-    // A line of exactly max_line bytes waits for its newline rather than leave an empty line behind.
-    while partial.len() > max_line {
+    // Cut as soon as a piece is full, so an endless line reaches the file without waiting for more.
+    while partial.len() >= max_line {
         let l: Vec<u8> = partial.drain(..max_line).collect();
         line(&l, None);
     }
@@ -538,9 +538,9 @@ mod tests {
         let texts: Vec<_> = lines.iter().map(|(l, _)| l.as_str()).collect();
         assert_eq!(texts, ["abc", "def", "g", "abc", "def", "g"]);
         assert!(rest.is_empty());
-        // A line of exactly max_line leaves no empty line behind.
-        let (lines, _) = split_all(&[b"abc", b"\n"], 3);
-        assert_eq!(lines, vec![("abc".to_string(), false)]);
+        // A full piece goes out at once, without waiting for the rest of its line.
+        let (lines, rest) = split_all(&[b"abcd"], 3);
+        assert_eq!((lines, rest), (vec![("abc".to_string(), false)], b"d".to_vec()));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The control API: raw bytes from a connected client, through hyper and
-//! supd's router, against a live supervisor with one (never started) app.
-//! Every input ends with an answer or a closed connection, never a panic or a hang.
+//! supd's router, against a live supervisor with one app of long sleeping
+//! workers (at most 4, as max_workers says). Every input ends with an answer
+//! or a closed connection, never a panic or a hang.
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
@@ -23,7 +24,7 @@ fn harness() -> &'static Harness {
         let path = dir.join("supervisor.toml");
         let text = format!(
             "[supervisor]\nrun_dir = \"{d}/run\"\nlog_dir = \"{d}/logs\"\ncontrol_socket = \"{d}/ctl.sock\"\n\
-             [apps.idle]\ncommand = [\"/bin/true\"]\nautostart = false\n",
+             max_workers = 4\n[apps.idle]\ncommand = [\"/bin/sleep\", \"1000\"]\nautostart = false\nstop_timeout = \"1s\"\n",
             d = dir.display()
         );
         std::fs::write(&path, &text).expect("config");
@@ -43,7 +44,8 @@ fuzz_target!(|data: &[u8]| {
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;
         let mut answer = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(20), client.read_to_end(&mut answer)).await;
+        // Operations on one app queue behind each other; each finishes within a stop_timeout or two.
+        let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer)).await;
         assert!(read.is_ok(), "the connection ends");
         if !answer.is_empty() {
             assert!(answer.starts_with(b"HTTP/1."), "{:?}", String::from_utf8_lossy(&answer));

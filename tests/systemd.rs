@@ -278,6 +278,18 @@ fn supd_is_a_native_notify_reload_service_under_real_systemd() {
     let journal = ct.ok("journalctl -u supd --no-pager -o cat");
     assert!(journal.contains("adopted listening socket"), "the new supd took the sockets back: {journal}");
 
+    // systemctl restart (an upgrade) under load: the sockets wait in the fd
+    // store while supd and its apps restart, so not one request fails.
+    let load = Load::start(port, &[Mode::NewConnection], clients);
+    load.wait_for(100);
+    let main = ct.ok("systemctl show -p MainPID --value supd").trim().to_string();
+    ct.ok("systemctl restart supd");
+    assert_ne!(ct.ok("systemctl show -p MainPID --value supd").trim(), main, "a new supd");
+    load.wait_for(100);
+    let stats = load.finish();
+    eprintln!("systemctl restart supd under load: {stats:?}");
+    assert_eq!(stats.failed, 0, "{:?}", stats.errors);
+
     // stop leaves no worker in the container.
     ct.ok("systemctl stop supd");
     let left = ct.sh("pgrep -a sup-demo");

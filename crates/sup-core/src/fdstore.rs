@@ -8,6 +8,11 @@
 //! the names they were stored with. supd then adopts them instead of binding
 //! again, and the queued connections are served by the new workers.
 //!
+//! On a graceful shutdown the sockets are left in the store: on `systemctl
+//! restart` (an upgrade) systemd hands them to the next supd, so clients wait
+//! through the restart instead of being refused; on `systemctl stop` systemd
+//! empties the store itself.
+//!
 //! Names are `BASE#PID.N`: BASE says which socket it is (`app/slot/index`), the
 //! suffix keeps every stored socket's name unique, because systemd removes by
 //! name only.
@@ -27,6 +32,15 @@ struct Store {
 }
 
 static STORE: OnceLock<Store> = OnceLock::new();
+
+/// Set when supd shuts down: the sockets stay in the store, and systemd decides
+/// (a restart hands them to the next supd; a stop empties the store).
+static LEAVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Keeps every stored socket in systemd's store from now on, as supd shuts down.
+pub fn keep_on_exit() {
+    LEAVING.store(true, Ordering::SeqCst);
+}
 
 /// Reads `LISTEN_FDS`, `LISTEN_FDNAMES`, `FDSTORE` and `NOTIFY_SOCKET`; call once, early in supd's `main`.
 pub fn init() -> usize {
@@ -95,6 +109,9 @@ impl AsRawFd for StoredFd {
 
 impl Drop for StoredFd {
     fn drop(&mut self) {
+        if LEAVING.load(Ordering::SeqCst) {
+            return;
+        }
         if let Some(name) = &self.name {
             send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), None);
         }

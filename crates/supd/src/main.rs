@@ -204,6 +204,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
         }
     }
     notifier.send("STOPPING=1\nSTATUS=stopping all apps");
+    sup_core::fdstore::keep_on_exit();
     let stopping = Arc::clone(&sup);
     let graceful = tokio::spawn(async move { stopping.shutdown().await });
     tokio::pin!(graceful);

@@ -191,7 +191,7 @@ fn json_file_with_fixed_delay_no_autorestart_and_no_interpreter() {
             r#"instances = "max""#,
             r#"listen = ["0.0.0.0:8080"]"#,
             "node_cluster = true",
-            r#"ready = "none""#,
+            r#"ready = "listening""#,
             r#"stop_timeout = "3000ms""#,
             "shutdown_with_message = true",
             r#"backoff = { initial = "2000ms", multiplier = 1.0, max = "2000ms" }"#,
@@ -270,6 +270,8 @@ fn yaml_file_with_cron_restart_and_an_invalid_pattern() {
         ],
     );
     assert_lines(&r.toml, "[apps.shop.env]", &[r#"NODE_ENV = "production""#]);
+    // A YAML merge key (`<<: *shared_env`) is applied.
+    assert_lines(&r.toml, "[apps.mailer.env]", &[r#"NODE_ENV = "development""#, r#"MAILER_QUEUE = "outbound""#]);
     assert_lines(&r.toml, "[apps.mailer]", &[r#"command = ["python3", "mailer.py"]"#, r#"stop_signal = "SIGTERM""#]);
     assert!(
         r.stderr.contains("app `mailer`: option `cron_restart` was not carried over: expected a valid pattern"),

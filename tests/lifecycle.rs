@@ -486,5 +486,5 @@ fn cron_restart_rolls_the_app_on_schedule() {
         done.then_some(now)
     });
     assert!(replaced.iter().all(|i| i.version > first[0].version), "{replaced:?}");
-    d.wait_log("cron_restart: rolling restart", DEADLINE);
+    d.wait_log("cron_restart: rolled 2/2 instances", DEADLINE);
 }

@@ -134,3 +134,43 @@ time.sleep(3600)
     assert!(out.contains("flood"), "{out}");
     assert!(d.status().apps[0].instances.iter().all(|i| i.pid.is_none()));
 }
+
+#[test]
+fn ready_listening_waits_for_the_cluster_workers_listen_and_keeps_the_configured_backlog() {
+    let Some(node) = node() else { return };
+    let port = free_port();
+    // The app listens only after a moment, as one that loads its code first.
+    let d = Daemon::start_with_files(
+        &format!(
+            "[apps.web]\ncommand = [\"{node}\", \"app.js\"]\ninstances = 2\nlisten = [\"127.0.0.1:{port}\"]\n\
+             listen_backlog = 77\nnode_cluster = true\nready = \"listening\"\nready_timeout = \"20s\"\n"
+        ),
+        &[(
+            "app.js",
+            "const s = require('http').createServer((q, r) => r.end(`pid=${process.pid}\\n`));\n\
+             setTimeout(() => s.listen(Number(process.env.PORT)), 300);\n",
+        )],
+    );
+    let ready = d.wait_ready("web", 2);
+    // Ready when the server listened, not when the process started.
+    let waits: Vec<u64> = d
+        .log()
+        .lines()
+        .filter(|l| l.contains("starting -> ready"))
+        .filter_map(|l| l.split("ready after ").nth(1)?.split(" ms").next()?.parse().ok())
+        .collect();
+    assert!(waits.len() == 2 && waits.iter().all(|ms| *ms >= 300), "ready after {waits:?} ms:\n{}", d.log());
+    let (code, body) = http_get(port, "/").expect("a worker that is ready serves");
+    assert_eq!(code, 200, "{body}");
+    let pid: u32 = body.trim().trim_start_matches("pid=").parse().expect("pid");
+    assert!(ready.iter().any(|i| i.pid == Some(pid)), "{body} from {ready:?}");
+    // Node's listen() set the backlog to 511; supd put the configured one back on every slot socket.
+    let out = std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output();
+    let Ok(out) = out else {
+        eprintln!("SKIPPED the backlog check: `ss` is not installed");
+        return;
+    };
+    let text = String::from_utf8_lossy(&out.stdout);
+    let backlogs: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().nth(2)).collect();
+    assert_eq!(backlogs, ["77", "77"], "{text}");
+}

@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Some((&cut, data)) = data.split_first() else { return };
     let cut = usize::from(cut).max(1);
     let mut s = LineSplitter::default();
-    let socks = [Bound::Port(3000), Bound::Path("/run/a.sock".into()), Bound::Other];
+    let socks = [Bound::Tcp(([0, 0, 0, 0], 3000).into()), Bound::Path("/run/a.sock".into()), Bound::Other];
     for piece in data.chunks(cut) {
         for line in s.push(piece) {
             assert!(line.len() <= MAX_LINE);

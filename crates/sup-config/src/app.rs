@@ -176,6 +176,7 @@ impl RawApp {
             w => w.map(|w| w.into_inner().0),
         };
 
+        let ready_span = self.ready.as_ref().map(|r| r.span());
         let ready = match self.ready {
             None => ReadyCheck::default(),
             Some(r) => {
@@ -189,6 +190,12 @@ impl RawApp {
             }
         };
 
+        if matches!(ready, ReadyCheck::Listening) && !self.node_cluster.as_ref().is_some_and(|n| *n.get_ref()) {
+            let span = ready_span.clone().unwrap_or(0..0);
+            let msg =
+                "ready = \"listening\" is the Node cluster worker's listen(): set node_cluster = true and `listen`";
+            return Err(src.error(span, key("ready"), msg.to_string()));
+        }
         let node_cluster = match self.node_cluster {
             Some(n) if *n.get_ref() && self.listen.is_empty() => {
                 let msg = "a Node cluster worker's server.listen() gets one of supd's sockets: set `listen` too";
@@ -315,6 +322,10 @@ mod tests {
                 "/x/sup.toml:3:23: key `apps.web.stop_exit_codes[1]`: invalid type: string \"1\", expected i32",
             ),
             ("frobnicate = 1", "/x/sup.toml:3:1: key `apps.web.frobnicate`: unknown key"),
+            (
+                "ready = \"listening\"",
+                "/x/sup.toml:3:9: key `apps.web.ready`: ready = \"listening\" is the Node cluster worker's listen(): set node_cluster = true and `listen`",
+            ),
             (
                 "node_cluster = true",
                 "/x/sup.toml:3:16: key `apps.web.node_cluster`: a Node cluster worker's server.listen() gets one of supd's sockets: set `listen` too",

@@ -15,6 +15,8 @@ pub enum ReadyCheck {
     Notify,
     /// The worker calls `process.send('ready')` (PM2's `wait_ready`).
     Pm2,
+    /// A Node cluster worker's server is listening (PM2's cluster mode without `wait_ready`).
+    Listening,
     /// An HTTP GET on this path answers 2xx.
     Http {
         /// Request path; starts with `/`.
@@ -24,7 +26,7 @@ pub enum ReadyCheck {
     Tcp,
 }
 
-const FORMS: &str = "\"none\", \"notify\", \"pm2\", { http = \"/health\" } or { tcp = true }";
+const FORMS: &str = "\"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }";
 
 impl<'de> Deserialize<'de> for ReadyCheck {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -54,6 +56,7 @@ impl<'de> Visitor<'de> for ReadyVisitor {
             "none" => Ok(ReadyCheck::None),
             "notify" => Ok(ReadyCheck::Notify),
             "pm2" => Ok(ReadyCheck::Pm2),
+            "listening" => Ok(ReadyCheck::Listening),
             _ => Err(E::custom(format!("expected {FORMS}, found `{v}`"))),
         }
     }
@@ -97,6 +100,7 @@ mod tests {
             ("ready = \"none\"", ReadyCheck::None),
             ("ready = \"notify\"", ReadyCheck::Notify),
             ("ready = \"pm2\"", ReadyCheck::Pm2),
+            ("listen = [\"127.0.0.1:3000\"]\nnode_cluster = true\nready = \"listening\"", ReadyCheck::Listening),
             ("port = 80\nready = { http = \"/health\" }", ReadyCheck::Http { path: "/health".to_string() }),
             ("port = 80\nready = { tcp = true }", ReadyCheck::Tcp),
         ];
@@ -106,7 +110,7 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 "ready = \"http\"",
-                "/x/sup.toml:3:9: key `apps.web.ready`: expected \"none\", \"notify\", \"pm2\", { http = \"/health\" } or { tcp = true }, found `http`",
+                "/x/sup.toml:3:9: key `apps.web.ready`: expected \"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }, found `http`",
             ),
             (
                 "ready = { http = \"health\" }",
@@ -126,7 +130,7 @@ mod tests {
             ),
             (
                 "ready = 1",
-                "/x/sup.toml:3:9: key `apps.web.ready`: invalid type: integer `1`, expected one of \"none\", \"notify\", \"pm2\", { http = \"/health\" } or { tcp = true }",
+                "/x/sup.toml:3:9: key `apps.web.ready`: invalid type: integer `1`, expected one of \"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }",
             ),
         ];
         for (line, want) in cases {

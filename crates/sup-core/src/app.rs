@@ -107,6 +107,21 @@ impl App {
         AppStatus { name: self.name.clone(), log_lines_lost: self.ctx.logs.lost(), instances, rollout }
     }
 
+    /// `cron_restart`: a rolling restart onto the app's current configuration,
+    /// read once the app is free; skipped while another operation runs or when
+    /// no worker runs (an operator stopped the app).
+    pub async fn cron_restart(self: &Arc<Self>) -> AppResult {
+        self.run_op("cron restart", false, |app| async move {
+            if !app.is_running() {
+                return app.result_ok("skipped: no worker runs");
+            }
+            let cfg = app.spec().cfg.clone();
+            let (tx, _rx) = mpsc::unbounded_channel();
+            app.roll(cfg, RestartReason::Cron, &tx).await
+        })
+        .await
+    }
+
     /// Whether any slot has a worker process.
     pub fn is_running(&self) -> bool {
         self.slots().iter().any(|s| s.view.borrow().pid.is_some())

@@ -33,6 +33,8 @@ use crate::supervisor::{ApiError, Supervisor, Verb};
 
 /// Connections of peers that may not use the socket, each answered 403; more are closed at once.
 const MAX_REFUSED_CONNECTIONS: usize = 16;
+/// Connections being answered 503 at once; more are closed without an answer.
+const MAX_BUSY_REFUSALS: usize = 64;
 /// Time a client has to send its headers, and then its body.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a connection may sit without a complete request header.
@@ -132,6 +134,7 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access, max_connections: usize) {
     let limit = Arc::new(Semaphore::new(max_connections.max(1)));
     let strangers = Arc::new(Semaphore::new(MAX_REFUSED_CONNECTIONS));
+    let refusals = Arc::new(Semaphore::new(MAX_BUSY_REFUSALS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -147,8 +150,12 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access,
         let peer_uid = peer.map(|c| c.uid());
         let pool = if allowed { &limit } else { &strangers };
         let Ok(permit) = pool.clone().try_acquire_owned() else {
-            if allowed {
-                tokio::spawn(refuse_busy(stream, max_connections));
+            // Each refusal holds its connection for a moment; beyond a few, close at once.
+            if let (true, Ok(refusing)) = (allowed, refusals.clone().try_acquire_owned()) {
+                tokio::spawn(async move {
+                    refuse_busy(stream, max_connections).await;
+                    drop(refusing);
+                });
             }
             continue;
         };

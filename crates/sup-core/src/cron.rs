@@ -3,14 +3,14 @@
 //! One task for all apps. It wakes at the earliest due time (or every minute,
 //! to pick up config changes and wall-clock jumps) and rolls each due app onto
 //! its current configuration, new worker ready before the old one drains. An
-//! app with no running worker (stopped by an operator) is left alone.
+//! app with no running worker (stopped by an operator), or with another
+//! operation in progress, is left alone until the next time.
 
 use std::collections::HashMap;
 use std::sync::Weak;
 use std::time::Duration;
 
 use chrono::{DateTime, Local};
-use sup_proto::RestartReason;
 
 use crate::supervisor::Supervisor;
 
@@ -37,21 +37,20 @@ pub fn start(sup: Weak<Supervisor>) {
                 let entry = due.get(&app.name).filter(|(p, _)| p == cron.pattern()).map(|(_, t)| *t);
                 let next = match entry {
                     Some(t) if t <= now => {
-                        if app.is_running() {
-                            tracing::info!(app = %app.name, pattern = cron.pattern(), "cron_restart: rolling restart");
-                            let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
-                            let app = app.clone();
-                            let cfg = spec.cfg.clone();
-                            tokio::spawn(async move {
-                                let r = app.reload(cfg, RestartReason::Cron, true, tx).await;
-                                if !r.ok {
-                                    tracing::warn!(app = %r.app, "cron_restart failed: {}", r.message);
-                                }
-                            });
-                        }
+                        let app = app.clone();
+                        let pattern = cron.pattern().to_string();
+                        tokio::spawn(async move {
+                            let r = app.cron_restart().await;
+                            if r.ok {
+                                tracing::info!(app = %r.app, pattern, "cron_restart: {}", r.message);
+                            } else {
+                                tracing::warn!(app = %r.app, pattern, "cron_restart not done: {}", r.message);
+                            }
+                        });
                         cron.next_after(&now)
                     }
-                    Some(t) => Some(t),
+                    // A clock stepped back must not push the next run far away.
+                    Some(t) => cron.next_after(&now).map_or(Some(t), |n| Some(n.min(t))),
                     None => cron.next_after(&now),
                 };
                 match next {

@@ -8,14 +8,17 @@
 //! the names they were stored with. supd then adopts them instead of binding
 //! again, and the queued connections are served by the new workers.
 //!
+//! Sockets are adopted by the address they are bound to, not by name, so a
+//! renamed app or a reordered `listen` still gets its sockets back.
+//!
 //! On a graceful shutdown the sockets are left in the store: on `systemctl
 //! restart` (an upgrade) systemd hands them to the next supd, so clients wait
 //! through the restart instead of being refused; on `systemctl stop` systemd
 //! empties the store itself.
 //!
-//! Names are `BASE#PID.N`: BASE says which socket it is (`app/slot/index`), the
-//! suffix keeps every stored socket's name unique, because systemd removes by
-//! name only.
+//! Names are `BASE#PID.N`: BASE says which socket it is (`app/slot/index`, for
+//! people reading systemd's state), the suffix keeps every stored socket's name
+//! unique, because systemd removes by name only.
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -33,13 +36,20 @@ struct Store {
 
 static STORE: OnceLock<Store> = OnceLock::new();
 
-/// Set when supd shuts down: the sockets stay in the store, and systemd decides
-/// (a restart hands them to the next supd; a stop empties the store).
-static LEAVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Whether closing a socket takes it out of the store. Off until supd has
+/// started (a failed start leaves the sockets to the next try) and again once
+/// it shuts down: then systemd decides (a restart hands them to the next
+/// supd; a stop empties the store).
+static REMOVE_ON_CLOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// supd has started: from now on a socket supd closes leaves the store too.
+pub fn started() {
+    REMOVE_ON_CLOSE.store(true, Ordering::SeqCst);
+}
 
 /// Keeps every stored socket in systemd's store from now on, as supd shuts down.
 pub fn keep_on_exit() {
-    LEAVING.store(true, Ordering::SeqCst);
+    REMOVE_ON_CLOSE.store(false, Ordering::SeqCst);
 }
 
 /// Reads `LISTEN_FDS`, `LISTEN_FDNAMES`, `FDSTORE` and `NOTIFY_SOCKET`; call once, early in supd's `main`.
@@ -109,7 +119,8 @@ impl AsRawFd for StoredFd {
 
 impl Drop for StoredFd {
     fn drop(&mut self) {
-        if LEAVING.load(Ordering::SeqCst) {
+        // A panic unwinding through supd is a crash: exactly when the store must keep the sockets.
+        if !REMOVE_ON_CLOSE.load(Ordering::SeqCst) || std::thread::panicking() {
             return;
         }
         if let Some(name) = &self.name {
@@ -118,7 +129,9 @@ impl Drop for StoredFd {
     }
 }
 
-/// Adopts the socket systemd passed for `base` if `fits` it, else calls `bind` and stores the new socket.
+/// Adopts a socket systemd passed that `fits` (is bound where the config says,
+/// whatever its name: the app may have been renamed or its `listen` reordered),
+/// else calls `bind` and stores the new socket under a name made from `base`.
 pub fn adopt_or_bind(
     base: &str,
     fits: impl Fn(&OwnedFd) -> bool,
@@ -127,11 +140,11 @@ pub fn adopt_or_bind(
     let s = store();
     {
         let mut inherited = s.inherited.lock().unwrap_or_else(|e| e.into_inner());
-        let found = inherited.iter().position(|(fd, name)| name.split('#').next() == Some(base) && fits(fd));
+        let found = inherited.iter().position(|(fd, _)| fits(fd));
         if let Some(i) = found {
             let (fd, name) = inherited.swap_remove(i);
             tracing::info!("adopted listening socket `{name}` from systemd's fd store");
-            return Ok(StoredFd { fd, name: Some(name) });
+            return Ok(StoredFd { fd, name: (!name.is_empty()).then_some(name) });
         }
     }
     let fd = bind()?;
@@ -165,7 +178,8 @@ fn send(msg: &str, fd: Option<RawFd>) -> bool {
     let iov = [IoSlice::new(msg.as_bytes())];
     let fds = fd.map(|f| [f]);
     let cmsgs: Vec<ControlMessage> = fds.as_ref().map(|f| ControlMessage::ScmRights(f)).into_iter().collect();
-    match sendmsg(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, Some(addr)) {
+    // Never block the event loop on a full notify queue.
+    match sendmsg(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT, Some(addr)) {
         Ok(_) => true,
         Err(e) => {
             tracing::warn!("cannot update systemd's fd store ({}): {e}", msg.lines().next().unwrap_or(""));

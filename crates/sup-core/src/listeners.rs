@@ -48,7 +48,10 @@ impl SlotSockets {
                         let base = format!("{}/{}/{i}", self.app, self.slot);
                         let backlog = self.backlog;
                         let stored = adopt_or_bind(&base, |fd| bound_to(fd, addr), || bind_tcp(*a, backlog));
-                        Arc::new(stored.map_err(|e| err(&self.app, addr, e))?)
+                        let stored = stored.map_err(|e| err(&self.app, addr, e))?;
+                        // An adopted socket keeps the backlog it was made with; apply today's.
+                        let _ = socket2::SockRef::from(stored.fd()).listen(backlog.min(i32::MAX as u32) as i32);
+                        Arc::new(stored)
                     }
                     (ListenAddr::Unix(_), None) => continue,
                 };
@@ -133,7 +136,12 @@ fn bound_to(fd: &OwnedFd, addr: &ListenAddr) -> bool {
     let Ok(local) = socket2::SockRef::from(fd).local_addr() else { return false };
     match addr {
         ListenAddr::Tcp(a) => local.as_socket() == Some(*a),
-        ListenAddr::Unix(p) => local.as_pathname() == Some(p.as_path()),
+        // Only while its file is still there: clients find a Unix socket by path.
+        ListenAddr::Unix(p) => {
+            use std::os::unix::fs::FileTypeExt;
+            local.as_pathname() == Some(p.as_path())
+                && std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_socket())
+        }
     }
 }
 

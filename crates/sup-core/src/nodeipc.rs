@@ -86,9 +86,13 @@ pub enum Incoming {
     },
     /// `NODE_HANDLE_ACK`: the last handle arrived.
     HandleAck,
+    /// `NODE_HANDLE_NACK`: the last handle did not arrive (the worker ran out of fds, say).
+    HandleNack,
+    /// A cluster worker's server is listening on the socket it was given.
+    Listening,
     /// The worker sent a handle; supd closes it and must acknowledge.
     HandleFromWorker,
-    /// Anything else: cluster notices (`online`, `listening`, `close`), app messages, garbage.
+    /// Anything else: cluster notices (`online`, `close`), app messages, garbage.
     Other,
 }
 
@@ -101,6 +105,8 @@ pub struct ServerQuery {
     pub port: Option<i64>,
     /// Host or Unix socket path, if given.
     pub address: Option<String>,
+    /// 4 or 6 for TCP (Node's `addressType`), -1 for a path.
+    pub family: Option<i64>,
     /// `listen({fd})`.
     pub fd: Option<i64>,
     /// Opaque server data (TLS ticket keys), echoed back as Node's primary does.
@@ -116,6 +122,7 @@ pub fn parse(line: &[u8]) -> Incoming {
     let Some(cmd) = v.get("cmd").and_then(Value::as_str) else { return Incoming::Other };
     match cmd {
         "NODE_HANDLE_ACK" => Incoming::HandleAck,
+        "NODE_HANDLE_NACK" => Incoming::HandleNack,
         "NODE_HANDLE" => Incoming::HandleFromWorker,
         "NODE_CLUSTER" => {
             let act = v.get("act").and_then(Value::as_str).unwrap_or_default();
@@ -125,11 +132,13 @@ pub fn parse(line: &[u8]) -> Incoming {
                     seq,
                     port: v.get("port").and_then(Value::as_i64),
                     address: v.get("address").and_then(Value::as_str).map(str::to_string),
+                    family: v.get("addressType").and_then(Value::as_i64),
                     fd: v.get("fd").and_then(Value::as_i64),
                     data: v.get("data").cloned().unwrap_or(Value::Null),
                 }),
+                "listening" => Incoming::Listening,
                 // Notices that expect no answer.
-                "online" | "listening" | "close" => Incoming::Other,
+                "online" | "close" => Incoming::Other,
                 _ => Incoming::ClusterAck { act: act.to_string(), seq },
             }
         }
@@ -140,8 +149,8 @@ pub fn parse(line: &[u8]) -> Incoming {
 /// Where a listening socket is bound, for matching a [`ServerQuery`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Bound {
-    /// A TCP port.
-    Port(u16),
+    /// A TCP socket: its address.
+    Tcp(std::net::SocketAddr),
     /// A Unix socket path.
     Path(String),
     /// Neither (unknown family).
@@ -149,14 +158,25 @@ pub enum Bound {
 }
 
 /// Finds the socket a query asks for: `listen({fd: 3+i})` is the i-th socket of
-/// `LISTEN_FDS`; otherwise the port, or the path, must match.
+/// `LISTEN_FDS`; otherwise the port must match (or the path), and among
+/// sockets on that port the one of the asked address, then family, is preferred.
 pub fn choose(query: &ServerQuery, sockets: &[Bound]) -> Option<usize> {
     if let Some(fd) = query.fd.filter(|fd| *fd >= 0) {
         let i = usize::try_from(fd - 3).ok()?;
         return (i < sockets.len()).then_some(i);
     }
     match query.port {
-        Some(p) if p > 0 => sockets.iter().position(|b| *b == Bound::Port(p as u16)),
+        Some(p) if p > 0 => {
+            let on_port = |i: &usize| matches!(&sockets[*i], Bound::Tcp(a) if i64::from(a.port()) == p);
+            let candidates: Vec<usize> = (0..sockets.len()).filter(on_port).collect();
+            let ip = query.address.as_deref().and_then(|a| a.parse::<std::net::IpAddr>().ok());
+            let by_ip =
+                candidates.iter().copied().find(|i| matches!(&sockets[*i], Bound::Tcp(a) if Some(a.ip()) == ip));
+            let v6 = query.family == Some(6) || ip.is_some_and(|ip| ip.is_ipv6());
+            let by_family =
+                candidates.iter().copied().find(|i| matches!(&sockets[*i], Bound::Tcp(a) if a.is_ipv6() == v6));
+            by_ip.or(by_family).or(candidates.first().copied())
+        }
         _ => {
             let path = query.address.as_deref()?;
             sockets.iter().position(|b| matches!(b, Bound::Path(s) if s == path))
@@ -167,7 +187,7 @@ pub fn choose(query: &ServerQuery, sockets: &[Bound]) -> Option<usize> {
 fn bound(fd: &OwnedFd) -> Bound {
     match socket2::SockRef::from(fd).local_addr() {
         Ok(a) => match (a.as_socket(), a.as_pathname()) {
-            (Some(s), _) => Bound::Port(s.port()),
+            (Some(s), _) => Bound::Tcp(s),
             (None, Some(p)) => Bound::Path(p.display().to_string()),
             (None, None) => Bound::Other,
         },
@@ -180,6 +200,8 @@ fn bound(fd: &OwnedFd) -> Bound {
 pub enum ChannelEvent {
     /// The worker said `ready`.
     Ready,
+    /// A cluster worker's server listens on the socket supd gave it.
+    Listening,
     /// The worker closed its end: it exited or called `process.disconnect()`.
     Closed,
 }
@@ -189,6 +211,19 @@ struct Outgoing {
     written: usize,
     handle: Option<RawFd>,
 }
+
+/// A handle sent and not yet acknowledged: what is needed to send it again.
+struct InFlight {
+    bytes: Vec<u8>,
+    handle: RawFd,
+    attempts: u32,
+    // The queryServer it answers, for an error answer if it never arrives.
+    query_seq: u64,
+    data: Value,
+}
+
+/// Node's own sender gives up on a handle after this many NACKs.
+const MAX_HANDLE_ATTEMPTS: u32 = 3;
 
 /// supd's end of one worker's Node IPC channel.
 pub struct NodeChannel {
@@ -201,6 +236,10 @@ pub struct NodeChannel {
     outbox: VecDeque<Outgoing>,
     // A handle was sent and Node has not acknowledged it: the next one waits, as Node's own sender does.
     awaiting_ack: bool,
+    inflight: Option<InFlight>,
+    // The next handle queued answers this query (seq, data), kept for a resend.
+    pending_query: VecDeque<(u64, Value)>,
+    backlog: i32,
     seq: u64,
     warned_full: bool,
     warned_query: bool,
@@ -209,7 +248,14 @@ pub struct NodeChannel {
 
 impl NodeChannel {
     /// Wraps supd's end; `sockets` are the slot's sockets, answered to `queryServer` (empty: not a cluster worker).
-    pub fn new(stream: UnixStream, app: std::sync::Arc<str>, pid: i32, sockets: Vec<OwnedFd>) -> NodeChannel {
+    pub fn new(
+        stream: UnixStream,
+        app: std::sync::Arc<str>,
+        pid: i32,
+        sockets: Vec<OwnedFd>,
+        backlog: u32,
+    ) -> NodeChannel {
+        let backlog = backlog.min(i32::MAX as u32) as i32;
         let sockets = sockets
             .into_iter()
             .map(|fd| {
@@ -225,6 +271,9 @@ impl NodeChannel {
             lines: LineSplitter::default(),
             outbox: VecDeque::new(),
             awaiting_ack: false,
+            inflight: None,
+            pending_query: VecDeque::new(),
+            backlog,
             seq: 0,
             warned_full: false,
             warned_query: false,
@@ -307,7 +356,18 @@ impl NodeChannel {
     fn handle(&mut self, msg: Incoming) -> Option<ChannelEvent> {
         match msg {
             Incoming::Ready => return Some(ChannelEvent::Ready),
-            Incoming::HandleAck => self.awaiting_ack = false,
+            Incoming::HandleAck => {
+                self.awaiting_ack = false;
+                self.inflight = None;
+            }
+            Incoming::HandleNack => self.resend_or_give_up(),
+            Incoming::Listening => {
+                // Node's listen() on the handle reset its backlog to 511: give the configured one back.
+                for (fd, _) in &self.sockets {
+                    let _ = socket2::SockRef::from(fd).listen(self.backlog);
+                }
+                return Some(ChannelEvent::Listening);
+            }
             Incoming::HandleFromWorker => {
                 self.queue(line(&json!({ "cmd": "NODE_HANDLE_ACK" })), None);
             }
@@ -340,7 +400,9 @@ impl NodeChannel {
                 let inner = self.cluster_value(json!({ "ack": q.seq, "key": key, "errno": 0, "data": q.data }));
                 let msg = line(&json!({ "cmd": "NODE_HANDLE", "type": "net.Native", "msg": inner }));
                 let fd = self.sockets[i].0.as_raw_fd();
-                self.queue(msg, Some(fd));
+                if self.queue(msg, Some(fd)) {
+                    self.pending_query.push_back((q.seq, q.data));
+                }
             }
             None => {
                 let asked = match (&q.fd, q.port, &q.address) {
@@ -352,7 +414,7 @@ impl NodeChannel {
                 let have: Vec<String> = bounds
                     .iter()
                     .map(|b| match b {
-                        Bound::Port(p) => format!("port {p}"),
+                        Bound::Tcp(a) => format!("port {} ({a})", a.port()),
                         Bound::Path(p) => format!("`{p}`"),
                         Bound::Other => "?".to_string(),
                     })
@@ -369,6 +431,24 @@ impl NodeChannel {
         }
     }
 
+    /// Sends the unacknowledged handle again, as Node's sender does, or answers its query with an error.
+    fn resend_or_give_up(&mut self) {
+        self.awaiting_ack = false;
+        let Some(f) = self.inflight.take() else { return };
+        if f.attempts < MAX_HANDLE_ATTEMPTS {
+            self.pending_query.push_front((f.query_seq, f.data.clone()));
+            self.outbox.push_front(Outgoing { bytes: f.bytes.clone(), written: 0, handle: Some(f.handle) });
+            // Keep the count: the resend adds one.
+            self.inflight = Some(InFlight { attempts: f.attempts, ..f });
+            self.awaiting_ack = false;
+            return;
+        }
+        tracing::warn!(app = %self.app, pid = self.pid,
+            "the worker could not receive its listening socket {MAX_HANDLE_ATTEMPTS} times (out of file descriptors?); its listen fails");
+        let msg = self.cluster(json!({ "ack": f.query_seq, "errno": UV_EADDRNOTAVAIL, "data": f.data }));
+        self.queue(msg, None);
+    }
+
     fn flush(&mut self) -> std::io::Result<()> {
         while self.can_write() {
             let Some(out) = self.outbox.front_mut() else { break };
@@ -383,8 +463,12 @@ impl NodeChannel {
             });
             match res {
                 Ok(n) => {
-                    if handle.is_some() {
+                    if let Some(h) = handle {
                         self.awaiting_ack = true;
+                        let (query_seq, data) = self.pending_query.pop_front().unwrap_or((0, Value::Null));
+                        let attempts = self.inflight.take().map_or(0, |f| f.attempts) + 1;
+                        self.inflight =
+                            Some(InFlight { bytes: out.bytes.clone(), handle: h, attempts, query_seq, data });
                     }
                     out.written += n;
                     if out.written >= out.bytes.len() {
@@ -429,10 +513,22 @@ mod tests {
         assert_eq!(parse(b"\"ready\""), Incoming::Ready);
         assert_eq!(parse(b"{\"cmd\":\"NODE_HANDLE_ACK\"}"), Incoming::HandleAck);
         assert_eq!(parse(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"online\",\"seq\":0}"), Incoming::Other);
+        assert_eq!(
+            parse(b"{\"cmd\":\"NODE_CLUSTER\",\"act\":\"listening\",\"port\":3000,\"seq\":3}"),
+            Incoming::Listening
+        );
+        assert_eq!(parse(b"{\"cmd\":\"NODE_HANDLE_NACK\"}"), Incoming::HandleNack);
         let q = br#"{"cmd":"NODE_CLUSTER","act":"queryServer","index":0,"data":null,"address":null,"port":3000,"addressType":4,"flags":0,"backlog":511,"seq":1}"#;
         assert_eq!(
             parse(q),
-            Incoming::QueryServer(ServerQuery { seq: 1, port: Some(3000), address: None, fd: None, data: Value::Null })
+            Incoming::QueryServer(ServerQuery {
+                seq: 1,
+                port: Some(3000),
+                address: None,
+                family: Some(4),
+                fd: None,
+                data: Value::Null
+            })
         );
         assert_eq!(
             parse(br#"{"cmd":"NODE_CLUSTER","act":"exitedAfterDisconnect","seq":4}"#),
@@ -447,20 +543,25 @@ mod tests {
 
     #[test]
     fn chooses_the_socket_asked_for() {
-        let socks = [Bound::Port(3000), Bound::Port(3001), Bound::Path("/run/a.sock".into())];
-        let q = |port: Option<i64>, address: Option<&str>, fd: Option<i64>| ServerQuery {
+        let tcp = |s: &str| Bound::Tcp(s.parse().unwrap());
+        let socks = [tcp("0.0.0.0:3000"), tcp("[::]:3000"), tcp("127.0.0.1:3001"), Bound::Path("/run/a.sock".into())];
+        let q = |port: Option<i64>, address: Option<&str>, family: Option<i64>, fd: Option<i64>| ServerQuery {
             seq: 0,
             port,
             address: address.map(str::to_string),
+            family,
             fd,
             data: Value::Null,
         };
-        assert_eq!(choose(&q(Some(3001), Some("0.0.0.0"), None), &socks), Some(1));
-        assert_eq!(choose(&q(Some(3000), None, None), &socks), Some(0));
-        assert_eq!(choose(&q(Some(-1), Some("/run/a.sock"), None), &socks), Some(2));
-        assert_eq!(choose(&q(None, None, Some(4)), &socks), Some(1));
-        assert_eq!(choose(&q(None, None, Some(9)), &socks), None);
-        assert_eq!(choose(&q(Some(4000), None, None), &socks), None);
-        assert_eq!(choose(&q(Some(0), None, None), &socks), None);
+        assert_eq!(choose(&q(Some(3001), Some("0.0.0.0"), Some(4), None), &socks), Some(2));
+        assert_eq!(choose(&q(Some(3000), None, Some(4), None), &socks), Some(0));
+        assert_eq!(choose(&q(Some(3000), None, Some(6), None), &socks), Some(1));
+        assert_eq!(choose(&q(Some(3000), Some("::"), None, None), &socks), Some(1));
+        assert_eq!(choose(&q(Some(3000), Some("0.0.0.0"), Some(4), None), &socks), Some(0));
+        assert_eq!(choose(&q(Some(-1), Some("/run/a.sock"), Some(-1), None), &socks), Some(3));
+        assert_eq!(choose(&q(None, None, None, Some(4)), &socks), Some(1));
+        assert_eq!(choose(&q(None, None, None, Some(9)), &socks), None);
+        assert_eq!(choose(&q(Some(4000), None, Some(4), None), &socks), None);
+        assert_eq!(choose(&q(Some(0), None, Some(4), None), &socks), None);
     }
 }

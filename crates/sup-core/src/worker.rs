@@ -155,11 +155,16 @@ pub async fn start(
     let mut spawn_fds: Vec<RawFd> = fds.iter().map(|(fd, _)| *fd).collect();
     if let Some((_, theirs)) = &ipc {
         use std::os::fd::AsRawFd;
-        env.push(("NODE_CHANNEL_FD".into(), (3 + spawn_fds.len()).to_string()));
-        env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
+        // Replaced, not appended: supd itself may run under PM2 during a migration.
+        let mut set = |k: &str, v: String| match env.iter_mut().find(|(key, _)| key == k) {
+            Some(entry) => entry.1 = v,
+            None => env.push((k.to_string(), v)),
+        };
+        set("NODE_CHANNEL_FD", (3 + spawn_fds.len()).to_string());
+        set("NODE_CHANNEL_SERIALIZATION_MODE", "json".into());
         if cfg.node_cluster {
             // Node starts as a cluster worker when this is set (`cluster.worker.id`).
-            env.push(("NODE_UNIQUE_ID".into(), id.to_string()));
+            set("NODE_UNIQUE_ID", id.to_string());
         }
         spawn_fds.push(theirs.as_raw_fd());
     }
@@ -178,7 +183,7 @@ pub async fn start(
             ours.set_nonblocking(true).ok();
             tokio::net::UnixStream::from_std(ours)
                 .ok()
-                .map(|s| NodeChannel::new(s, ctx.app.clone(), spawned.pid, cluster_fds))
+                .map(|s| NodeChannel::new(s, ctx.app.clone(), spawned.pid, cluster_fds, cfg.listen_backlog))
         }
         None => None,
     };
@@ -391,7 +396,12 @@ impl Watch {
                                 ready_deadline = None;
                                 self.send(WorkerEventKind::Ready);
                             }
-                            ChannelEvent::Ready => {}
+                            ChannelEvent::Listening if !ready && matches!(self.ready_check, ReadyCheck::Listening) => {
+                                ready = true;
+                                ready_deadline = None;
+                                self.send(WorkerEventKind::Ready);
+                            }
+                            ChannelEvent::Ready | ChannelEvent::Listening => {}
                             ChannelEvent::Closed => {
                                 ipc = None;
                                 // A cluster worker told to disconnect closes the channel once

@@ -134,7 +134,11 @@ fn read_ecosystem(path: &Path) -> Result<Value, String> {
     match ext.as_str() {
         "yml" | "yaml" => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
-            serde_norway::from_str(&text).map_err(|e| format!("`{}` is not valid YAML: {e}", path.display()))
+            let invalid = |e: String| format!("`{}` is not valid YAML: {e}", path.display());
+            let mut v: serde_norway::Value = serde_norway::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+            // `<<: *defaults`, common in ecosystem files that share settings between apps.
+            v.apply_merge().map_err(|e| invalid(e.to_string()))?;
+            serde_json::to_value(v).map_err(|e| invalid(e.to_string()))
         }
         "json" => {
             let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))?;
@@ -549,6 +553,7 @@ fn convert_app(
     };
     let node = command.first().is_some_and(|c| Path::new(c).file_name().is_some_and(|f| f == "node"));
     let port = if cluster { env.get("PORT").and_then(|p| p.trim().parse::<u16>().ok()) } else { None };
+    let node_cluster = cluster && node && port.is_some();
     match (cluster, port) {
         (true, Some(port)) if node => {
             env.remove("PORT");
@@ -618,6 +623,18 @@ fn convert_app(
                 None => t.invalid("listen_timeout", v, "milliseconds"),
             },
             None => t.comment("ready_timeout is left at sup's default of 30s (PM2 waits 3000 ms)"),
+        }
+    } else if node_cluster {
+        t.comment("PM2 cluster mode without wait_ready: a worker is online once its server listens");
+        t.set("ready", q("listening"));
+        if let Some(v) = obj.get("listen_timeout") {
+            match millis(v) {
+                Some(ms) => {
+                    t.comment("PM2 listen_timeout; sup kills a worker that is not listening within it");
+                    t.set("ready_timeout", q(&format!("{ms}ms")));
+                }
+                None => t.invalid("listen_timeout", v, "milliseconds"),
+            }
         }
     } else {
         t.comment("PM2 considers the app online as soon as it started (no wait_ready)");

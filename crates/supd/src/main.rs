@@ -134,6 +134,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
         }
     };
     sup_core::fdstore::release_leftovers();
+    sup_core::fdstore::started();
     if let Some(l) = metrics {
         tracing::info!(
             "metrics on http://{}/metrics and /health",

@@ -46,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
         let mut answer = Vec::new();
         // Operations on one app queue behind each other; each finishes within a stop_timeout or two.
         let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer)).await;
-        assert!(read.is_ok(), "the connection ends");
+        if read.is_err() {
+            let status = h.sup.status(None).map(|s| format!("{s:?}")).unwrap_or_default();
+            panic!("the connection did not end within 60 s; supervisor: {status}");
+        }
         if !answer.is_empty() {
             assert!(answer.starts_with(b"HTTP/1."), "{:?}", String::from_utf8_lossy(&answer));
         }

@@ -61,6 +61,37 @@ pub fn start(sup: Weak<Supervisor>, samples: Samples, interval: Duration) {
         loop {
             tick.tick().await;
             let Some(sup) = sup.upgrade() else { return };
+            // The /proc reads happen off the event loop: a read can stall for
+            // seconds while the kernel tears a dead process down.
+            let targets: Vec<((String, u32), i32)> = sup
+                .apps()
+                .iter()
+                .flat_map(|app| {
+                    app.slots().into_iter().filter_map(|slot| {
+                        let pid = slot.view.borrow().pid?;
+                        Some(((app.name.clone(), slot.slot), pid))
+                    })
+                })
+                .collect();
+            let mut moved = std::mem::take(&mut tracks);
+            let read = tokio::task::spawn_blocking(move || {
+                let mut readings = HashMap::new();
+                for (key, pid) in targets {
+                    if let Some(r) = moved.entry(key.clone()).or_default().sample(pid, page) {
+                        readings.insert(key, (pid, r));
+                    }
+                }
+                (moved, readings)
+            })
+            .await;
+            // A failed read task loses the open /proc files; they are opened again.
+            let readings = match read {
+                Ok((back, readings)) => {
+                    tracks = back;
+                    readings
+                }
+                Err(_) => HashMap::new(),
+            };
             let mut fresh = HashMap::new();
             for app in sup.apps() {
                 let spec = app.spec();
@@ -69,7 +100,11 @@ pub fn start(sup: Weak<Supervisor>, samples: Samples, interval: Duration) {
                     let Some(pid) = view.pid else { continue };
                     let key = (app.name.clone(), slot.slot);
                     let track = tracks.entry(key.clone()).or_default();
-                    let Some((ticks, rss, tree_rss)) = track.sample(pid, page) else { continue };
+                    // Read for this very worker (not one replaced meanwhile).
+                    let Some(&(read_pid, (ticks, rss, tree_rss))) = readings.get(&key) else { continue };
+                    if read_pid != pid {
+                        continue;
+                    }
                     let now = Instant::now();
                     let cpu_percent = match track.at {
                         _ if track.changed => track.last_cpu,

@@ -1,6 +1,6 @@
 //! Reaping of every child of supd.
 //!
-//! One task owns `waitpid`: on each SIGCHLD it reaps every exited child and
+//! One thread owns `waitpid`: on each SIGCHLD it reaps every exited child and
 //! hands the status to whoever registered that pid. Registration happens under
 //! the same lock the spawner holds across `fork`, so a child can never be
 //! reaped before its watcher is registered. Unknown pids are orphaned
@@ -54,16 +54,28 @@ pub struct Reaper {
 }
 
 impl Reaper {
-    /// Installs the SIGCHLD stream and starts the reaping task. Call inside a runtime.
+    /// Installs the SIGCHLD stream and starts the reaping thread. Call inside a runtime.
+    ///
+    /// `waitpid` runs on a thread of its own, never on the event loop: the
+    /// kernel can take seconds to tear a dead process down (flushing its /proc
+    /// entries while /proc is busy), and the control API, timers and watchdogs
+    /// must not wait for that.
     pub fn start() -> std::io::Result<Reaper> {
         let reaper = Reaper::default();
         let mut sigchld = signal(SignalKind::child())?;
+        // One pending wake is enough: each wake reaps every child that has exited.
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
         let task = reaper.clone();
-        tokio::spawn(async move {
+        std::thread::Builder::new().name("supd-reaper".into()).spawn(move || {
             // Children may have exited before the stream existed.
             task.reap_all();
-            while sigchld.recv().await.is_some() {
+            while woken.recv().is_ok() {
                 task.reap_all();
+            }
+        })?;
+        tokio::spawn(async move {
+            while sigchld.recv().await.is_some() {
+                let _ = wake.try_send(());
             }
         });
         Ok(reaper)
@@ -78,7 +90,9 @@ impl Reaper {
     /// Reaps every exited child without blocking.
     fn reap_all(&self) {
         loop {
-            let mut waiters = self.lock();
+            // Outside the lock: a slow waitpid must not hold up forks. A child
+            // reaped before its watcher is registered is still found: the
+            // spawner registers it before it lets go of the lock taken below.
             let status = match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
                 Err(Errno::EINTR) => continue,
@@ -93,7 +107,7 @@ impl Reaper {
                 WaitStatus::Signaled(pid, sig, _) => (pid, ExitInfo::Signal(sig as i32)),
                 _ => continue,
             };
-            match waiters.remove(&pid.as_raw()) {
+            match self.lock().remove(&pid.as_raw()) {
                 // The watcher may be gone already (supd shutting down); nothing to tell.
                 Some(tx) => drop(tx.send(info)),
                 None => tracing::debug!(pid = pid.as_raw(), "reaped orphaned descendant: {info}"),

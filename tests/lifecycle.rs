@@ -488,3 +488,22 @@ fn cron_restart_rolls_the_app_on_schedule() {
     assert!(replaced.iter().all(|i| i.version > first[0].version), "{replaced:?}");
     d.wait_log("cron_restart: rolled 2/2 instances", DEADLINE);
 }
+
+#[test]
+fn a_stopping_supd_leaves_a_newer_supds_control_socket_alone() {
+    let port = free_port();
+    let first = Daemon::start(&app("web", 1, port, "", ""));
+    first.wait_ready("web", 1);
+    // Someone cleans the run folder and starts another supd on the same socket path.
+    std::fs::remove_file(&first.socket).expect("remove the socket file");
+    let second = Daemon::start_with(tempfile::tempdir().expect("tempdir"), first.config.clone(), first.socket.clone());
+    second.wait_ready("web", 1);
+    let socket = first.socket.clone();
+    // The folder holds the second supd's socket too: keep it when the first Daemon goes.
+    let mut first = first;
+    let _dir = std::mem::replace(&mut first.dir, tempfile::tempdir().expect("tempdir"));
+    let status = first.stop();
+    assert_eq!(status.code(), Some(0), "{}", describe(status));
+    assert!(socket.exists(), "the first supd removed the second one's socket on exit");
+    second.wait_ready("web", 1);
+}

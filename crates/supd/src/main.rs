@@ -115,12 +115,13 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     let listener =
         control::bind(&sc.control_socket, sc.control_socket_mode, sc.control_socket_group.as_ref().map(|g| g.gid))
             .map_err(|e| e.to_string())?;
+    let own = OwnSocket::of(&sc.control_socket);
     // Bound before any worker starts, so a taken address fails cleanly.
     let metrics = match sc.metrics {
         Some(addr) => match sup_core::metrics::bind(addr).await {
             Ok(l) => Some(l),
             Err(e) => {
-                let _ = std::fs::remove_file(&sc.control_socket);
+                own.remove();
                 return Err(e.to_string());
             }
         },
@@ -129,7 +130,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     let sup = match Supervisor::start(config).await {
         Ok(s) => s,
         Err(e) => {
-            let _ = std::fs::remove_file(&sc.control_socket);
+            own.remove();
             return Err(e.to_string());
         }
     };
@@ -218,10 +219,32 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
         }
     }
     server.abort();
-    let _ = std::fs::remove_file(&sc.control_socket);
+    own.remove();
     kill_leftover_children();
     tracing::info!("all workers stopped; exiting");
     Ok(())
+}
+
+/// The control socket file this supd bound, removed on exit only while it is
+/// still ours: another supd may have replaced it meanwhile.
+struct OwnSocket {
+    path: PathBuf,
+    ino: Option<u64>,
+}
+
+impl OwnSocket {
+    fn of(path: &std::path::Path) -> OwnSocket {
+        use std::os::unix::fs::MetadataExt;
+        OwnSocket { path: path.to_path_buf(), ino: std::fs::symlink_metadata(path).ok().map(|m| m.ino()) }
+    }
+
+    fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::symlink_metadata(&self.path).ok().map(|m| m.ino());
+        if now.is_some() && now == self.ino {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 /// `supctl config apply`, on SIGHUP: progress and outcome go to the log; the

@@ -48,7 +48,21 @@ fuzz_target!(|data: &[u8]| {
         let read = tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut answer)).await;
         if read.is_err() {
             let status = h.sup.status(None).map(|s| format!("{s:?}")).unwrap_or_default();
-            panic!("the connection did not end within 60 s; supervisor: {status}");
+            let mut procs = String::new();
+            for a in h.sup.status(None).map(|s| s.apps).unwrap_or_default() {
+                for i in a.instances.iter().filter_map(|i| i.pid) {
+                    let stat = std::fs::read_to_string(format!("/proc/{i}/stat")).unwrap_or_default();
+                    let wchan = std::fs::read_to_string(format!("/proc/{i}/wchan")).unwrap_or_default();
+                    procs.push_str(&format!("\nworker {i}: {stat} wchan={wchan}"));
+                }
+            }
+            for t in std::fs::read_dir("/proc/self/task").into_iter().flatten().flatten() {
+                let p = t.path();
+                let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+                let stack = std::fs::read_to_string(p.join("stack")).unwrap_or_default();
+                procs.push_str(&format!("\nthread {}: {} {}", t.file_name().to_string_lossy(), comm.trim(), stack));
+            }
+            panic!("the connection did not end within 60 s; supervisor: {status}{procs}");
         }
         if !answer.is_empty() {
             assert!(answer.starts_with(b"HTTP/1."), "{:?}", String::from_utf8_lossy(&answer));

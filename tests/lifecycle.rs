@@ -507,3 +507,30 @@ fn a_stopping_supd_leaves_a_newer_supds_control_socket_alone() {
     assert!(socket.exists(), "the first supd removed the second one's socket on exit");
     second.wait_ready("web", 1);
 }
+
+/// POSTs a JSON body on the control socket; returns the answer and how long it took.
+fn post(socket: &std::path::Path, path: &str, body: &str) -> (String, Duration) {
+    let t0 = std::time::Instant::now();
+    let req = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    (raw_control(socket, req.as_bytes()), t0.elapsed())
+}
+
+#[test]
+fn a_stop_racing_a_restarted_workers_ready_still_finishes() {
+    // A worker that crashes is restarted at once; a stop that reaches the slot
+    // before the new worker's READY once left the slot stopping forever.
+    let d = Daemon::start("[apps.idle]\ncommand = [\"sleep\", \"1000\"]\ninstances = 2\nstop_timeout = \"1s\"\n");
+    d.wait_ready("idle", 2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut rounds = 0;
+    while std::time::Instant::now() < deadline && rounds < 400 {
+        rounds += 1;
+        post(&d.socket, "/v1/signal?app=idle&signal=INT", "");
+        let (answer, took) = post(&d.socket, "/v1/stop", r#"{"app":"idle","wait":true}"#);
+        assert!(answer.starts_with("HTTP/1.1 200"), "round {rounds}: {answer}");
+        assert!(took < Duration::from_secs(10), "round {rounds}: the stop took {took:?}");
+        let (answer, _) = post(&d.socket, "/v1/start", r#"{"app":"idle","wait":true}"#);
+        assert!(answer.starts_with("HTTP/1.1 200"), "round {rounds}: {answer}");
+    }
+    eprintln!("{rounds} rounds of crash, stop, start");
+}

@@ -431,7 +431,11 @@ impl SlotTask {
                 let reason = self.view.borrow().reason.clone();
                 self.publish(&reason);
             }
-            WorkerEventKind::Ready => {
+            // Only a starting worker becomes ready. A READY that arrives after a
+            // stop was requested must leave the stopping worker in place: taking
+            // it out of the state would drop its handle, and its exit would then
+            // never finish the stop.
+            WorkerEventKind::Ready if matches!(self.state, State::Starting { .. }) => {
                 if let State::Starting { worker } =
                     std::mem::replace(&mut self.state, State::Stopped { reason: String::new() })
                 {
@@ -444,6 +448,7 @@ impl SlotTask {
                     }
                 }
             }
+            WorkerEventKind::Ready => {}
             WorkerEventKind::Exited { info, failure } => self.on_current_exit(info, failure).await,
             WorkerEventKind::WatchdogMissed => {
                 let (reply, _) = oneshot::channel();

@@ -435,6 +435,16 @@ impl Table {
         });
         self.warnings.push(msg);
     }
+    /// A PM2 option in milliseconds carried over as a sup duration, with why.
+    fn duration_ms(&mut self, pm2_key: &str, value: &Value, key: &str, why: &str) {
+        match millis(value) {
+            Some(ms) => {
+                self.comment(why);
+                self.set(key, q(&format!("{ms}ms")));
+            }
+            None => self.invalid(pm2_key, value, "milliseconds"),
+        }
+    }
     /// An option whose value could not be used.
     fn invalid(&mut self, key: &str, value: &Value, expected: &str) {
         let msg = format!("option `{key}` was not carried over: expected {expected}, found `{}`", short(value));
@@ -612,29 +622,21 @@ fn convert_app(
         t.comment("PM2 wait_ready: the app says it is ready with process.send('ready')");
         t.set("ready", q("pm2"));
         match obj.get("listen_timeout") {
-            Some(v) => match millis(v) {
-                Some(ms) => {
-                    t.comment(
-                        "PM2 listen_timeout. PM2 goes on without the signal after it; sup kills a worker \
-                         that is not ready within ready_timeout.",
-                    );
-                    t.set("ready_timeout", q(&format!("{ms}ms")));
-                }
-                None => t.invalid("listen_timeout", v, "milliseconds"),
-            },
+            Some(v) => t.duration_ms(
+                "listen_timeout",
+                v,
+                "ready_timeout",
+                "PM2 listen_timeout. PM2 goes on without the signal after it; sup kills a worker \
+                 that is not ready within ready_timeout.",
+            ),
             None => t.comment("ready_timeout is left at sup's default of 30s (PM2 waits 3000 ms)"),
         }
     } else if node_cluster {
         t.comment("PM2 cluster mode without wait_ready: a worker is online once its server listens");
         t.set("ready", q("listening"));
         if let Some(v) = obj.get("listen_timeout") {
-            match millis(v) {
-                Some(ms) => {
-                    t.comment("PM2 listen_timeout; sup kills a worker that is not listening within it");
-                    t.set("ready_timeout", q(&format!("{ms}ms")));
-                }
-                None => t.invalid("listen_timeout", v, "milliseconds"),
-            }
+            let why = "PM2 listen_timeout; sup kills a worker that is not listening within it";
+            t.duration_ms("listen_timeout", v, "ready_timeout", why);
         }
     } else {
         t.comment("PM2 considers the app online as soon as it started (no wait_ready)");
@@ -646,13 +648,7 @@ fn convert_app(
 
     // Stopping.
     if let Some(v) = obj.get("kill_timeout") {
-        match millis(v) {
-            Some(ms) => {
-                t.comment("PM2 kill_timeout: time to stop before SIGKILL");
-                t.set("stop_timeout", q(&format!("{ms}ms")));
-            }
-            None => t.invalid("kill_timeout", v, "milliseconds"),
-        }
+        t.duration_ms("kill_timeout", v, "stop_timeout", "PM2 kill_timeout: time to stop before SIGKILL");
     }
     // PM2 stops apps with SIGINT unless told otherwise; apps written for it handle that one.
     match obj.get("kill_signal") {

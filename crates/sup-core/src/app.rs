@@ -14,19 +14,56 @@ use sup_proto::{AppResult, AppStatus, InstanceStatus, RestartReason, RolloutEven
 use tokio::sync::mpsc;
 
 use crate::listeners::{AppSockets, ListenError, SlotSockets};
-use crate::slot::{spawn_slot, SlotHandle};
-use crate::worker::{AppSpec, WorkerCtx};
+use crate::slot::{spawn_slot, EnvFuture, SlotEnv, SlotError, SlotHandle};
+use crate::worker::{AppSpec, WorkerCtx, WorkerEvent, WorkerHandle};
 
-struct Slot {
-    handle: SlotHandle,
+/// The real [`SlotEnv`]: workers are processes on the slot's sockets.
+struct WorkerEnv {
+    ctx: Arc<WorkerCtx>,
     // Kept open for the slot's whole life; workers come and go.
-    _sockets: Arc<SlotSockets>,
+    fds: Arc<SlotSockets>,
+}
+
+impl SlotEnv for WorkerEnv {
+    fn app(&self) -> &str {
+        &self.ctx.app
+    }
+
+    fn launch(
+        &self,
+        spec: Arc<AppSpec>,
+        slot: u32,
+        events: mpsc::UnboundedSender<WorkerEvent>,
+    ) -> EnvFuture<'_, Result<WorkerHandle, String>> {
+        Box::pin(async move {
+            let fds = self.fds.open().map_err(|e| e.to_string())?;
+            crate::worker::start(&self.ctx, spec, slot, &fds, events).await
+        })
+    }
+
+    fn close_sockets(&self) {
+        self.fds.close();
+    }
+
+    fn on_ready(&self, ms: u64) {
+        self.ctx.metrics.ready(&self.ctx.app, ms);
+    }
+
+    fn on_restart(&self, reason: RestartReason) {
+        self.ctx.metrics.restart(&self.ctx.app, reason);
+    }
 }
 
 struct Inner {
     spec: Arc<AppSpec>,
-    slots: Vec<Slot>,
+    slots: Vec<SlotHandle>,
     sockets: AppSockets,
+    // Raised by every stop; operations asked for under a lower fence are
+    // cancelled by the slots. Read and raised under this lock together with
+    // the list of slots, so a slot added by a scale cannot miss a stop.
+    fence: u64,
+    // The app was removed (or supd is shutting down): no operation runs any more.
+    removed: bool,
 }
 
 /// Where a rollout reports its progress.
@@ -42,6 +79,13 @@ pub struct App {
     op_name: Mutex<Option<&'static str>>,
 }
 
+/// How an operation over several slots ended.
+enum Outcome {
+    Done,
+    Failed(Vec<String>),
+    Cancelled,
+}
+
 impl App {
     /// Binds the app's sockets and creates its slots, all stopped.
     pub fn new(ctx: Arc<WorkerCtx>, cfg: AppConfig) -> Result<Arc<App>, ListenError> {
@@ -49,14 +93,13 @@ impl App {
         let spec = Arc::new(AppSpec { cfg, version: 1 });
         let mut slots = Vec::new();
         for slot in 0..spec.cfg.instances {
-            let sock = Arc::new(sockets.for_slot(&spec.cfg, slot)?);
-            let handle = spawn_slot(slot, ctx.clone(), spec.clone(), sock.clone());
-            slots.push(Slot { handle, _sockets: sock });
+            let fds = Arc::new(sockets.for_slot(&spec.cfg, slot)?);
+            slots.push(spawn_slot(slot, Arc::new(WorkerEnv { ctx: ctx.clone(), fds }), spec.clone(), 0));
         }
         Ok(Arc::new(App {
             name: spec.cfg.name.clone(),
             ctx,
-            inner: Mutex::new(Inner { spec, slots, sockets }),
+            inner: Mutex::new(Inner { spec, slots, sockets, fence: 0, removed: false }),
             op: Arc::default(),
             op_name: Mutex::new(None),
         }))
@@ -68,7 +111,7 @@ impl App {
 
     /// Handles of the current slots.
     pub fn slots(&self) -> Vec<SlotHandle> {
-        self.inner().slots.iter().map(|s| s.handle.clone()).collect()
+        self.inner().slots.clone()
     }
 
     /// The spec new workers run.
@@ -111,13 +154,13 @@ impl App {
     /// read once the app is free; skipped while another operation runs or when
     /// no worker runs (an operator stopped the app).
     pub async fn cron_restart(self: &Arc<Self>) -> AppResult {
-        self.run_op("cron restart", false, |app| async move {
+        self.run_op("cron restart", false, |app, fence| async move {
             if !app.is_running() {
                 return app.result_ok("skipped: no worker runs");
             }
             let cfg = app.spec().cfg.clone();
             let (tx, _rx) = mpsc::unbounded_channel();
-            app.roll(cfg, RestartReason::Cron, &tx).await
+            app.roll(cfg, RestartReason::Cron, fence, &tx).await
         })
         .await
     }
@@ -129,52 +172,71 @@ impl App {
 
     /// Starts every slot that is not running; waits until all are ready or failed.
     pub async fn start(self: &Arc<Self>, wait: bool) -> AppResult {
-        self.run_op("start", wait, |app| async move {
+        self.run_op("start", wait, |app, fence| async move {
             let spec = app.spec();
-            let pending: Vec<_> = app.slots().iter().map(|s| (s.slot, s.start(spec.clone()))).collect();
-            let mut failures = Vec::new();
-            let total = pending.len();
-            for (slot, fut) in pending {
-                if let Err(e) = fut.await {
-                    failures.push(format!("slot {slot}: {e}"));
-                }
-            }
-            app.result(total, "started", failures)
+            let slots = app.slots();
+            let pending: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone(), fence))).collect();
+            let outcome = collect(pending).await;
+            app.result("start", slots.len(), "started", outcome)
         })
         .await
     }
 
     /// Stops every slot gracefully; waits until all workers have exited.
-    pub async fn stop(self: &Arc<Self>, wait: bool) -> AppResult {
-        self.run_op("stop", wait, |app| async move {
-            let slots = app.slots();
-            let pending: Vec<_> = slots.iter().map(|s| s.stop()).collect();
-            for fut in pending {
-                fut.await;
-            }
-            app.result(slots.len(), "stopped", Vec::new())
-        })
-        .await
+    ///
+    /// Never busy: a stop preempts whatever operation runs on the app. That
+    /// operation ends as "cancelled by stop", and nothing it asked for starts
+    /// after this call was made.
+    pub async fn stop(self: &Arc<Self>) -> AppResult {
+        let app = self.clone();
+        let task = tokio::spawn(async move {
+            let n = app.stop_all(false).await;
+            app.result_ok(&format!("stopped {n}/{n} instances"))
+        });
+        task.await.unwrap_or_else(|e| self.fail(format!("internal error during stop: {e}")))
+    }
+
+    /// Stops every slot like [`App::stop`] and refuses every later operation:
+    /// the app is being removed, re-created or supd is shutting down.
+    pub async fn shutdown(self: &Arc<Self>) {
+        let app = self.clone();
+        let _ = tokio::spawn(async move { app.stop_all(true).await }).await;
+    }
+
+    /// Raises the fence, stops every slot, then waits for the interrupted
+    /// operation to end (promptly: its slots answer "cancelled") so a `start`
+    /// right after is not refused as busy. Returns the number of slots.
+    async fn stop_all(self: &Arc<Self>, remove: bool) -> usize {
+        let (fence, slots) = {
+            let mut inner = self.inner();
+            inner.fence += 1;
+            inner.removed |= remove;
+            (inner.fence, inner.slots.clone())
+        };
+        let pending: Vec<_> = slots.iter().map(|s| s.stop(fence, false)).collect();
+        let guard = self.op.clone().lock_owned().await;
+        self.set_op(Some("stop"));
+        for fut in pending {
+            fut.await;
+        }
+        self.set_op(None);
+        drop(guard);
+        slots.len()
     }
 
     /// Stops then starts every slot (PM2's `restart`; `reload` is the zero-downtime one).
     pub async fn restart(self: &Arc<Self>, wait: bool) -> AppResult {
-        self.run_op("restart", wait, |app| async move {
+        self.run_op("restart", wait, |app, fence| async move {
             let slots = app.slots();
             // Sockets stay open: clients wait for the new workers instead of being refused.
-            let stops: Vec<_> = slots.iter().map(|s| s.stop_with(true)).collect();
+            let stops: Vec<_> = slots.iter().map(|s| s.stop(fence, true)).collect();
             for fut in stops {
                 fut.await;
             }
             let spec = app.spec();
-            let starts: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone()))).collect();
-            let mut failures = Vec::new();
-            for (slot, fut) in starts {
-                if let Err(e) = fut.await {
-                    failures.push(format!("slot {slot}: {e}"));
-                }
-            }
-            app.result(slots.len(), "restarted", failures)
+            let starts: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone(), fence))).collect();
+            let outcome = collect(starts).await;
+            app.result("restart", slots.len(), "restarted", outcome)
         })
         .await
     }
@@ -189,11 +251,19 @@ impl App {
         wait: bool,
         progress: Progress,
     ) -> AppResult {
-        self.run_op("reload", wait, move |app| async move { app.roll(cfg, reason, &progress).await }).await
+        self.run_op("reload", wait, move |app, fence| async move { app.roll(cfg, reason, fence, &progress).await })
+            .await
     }
 
-    async fn roll(self: &Arc<Self>, cfg: AppConfig, reason: RestartReason, progress: &Progress) -> AppResult {
+    async fn roll(
+        self: &Arc<Self>,
+        cfg: AppConfig,
+        reason: RestartReason,
+        fence: u64,
+        progress: &Progress,
+    ) -> AppResult {
         let old = self.spec();
+        let kind = reason_kind(reason);
         if cfg.listen != old.cfg.listen || cfg.listen_backlog != old.cfg.listen_backlog {
             return self.fail("listen addresses changed: `supctl config apply` re-creates the app's sockets".into());
         }
@@ -201,16 +271,16 @@ impl App {
         let slots = self.slots();
         let _ = progress.send(RolloutEvent::Started {
             app: self.name.clone(),
-            kind: reason_kind(reason).into(),
+            kind: kind.into(),
             slots: slots.iter().map(|s| s.slot).collect(),
             from_version: old.version,
             to_version: new.version,
         });
         let parallel = new.cfg.reload_parallelism.max(1) as usize;
-        let mut failure = None;
+        let mut failure: Option<(u32, SlotError)> = None;
         for chunk in slots.chunks(parallel) {
             let t0 = Instant::now();
-            let pending: Vec<_> = chunk.iter().map(|s| (s.slot, s.replace(new.clone(), reason))).collect();
+            let pending: Vec<_> = chunk.iter().map(|s| (s.slot, s.replace(new.clone(), reason, fence))).collect();
             for (slot, fut) in pending {
                 match fut.await {
                     Ok(r) => {
@@ -227,9 +297,12 @@ impl App {
                         let _ = progress.send(RolloutEvent::SlotFailed {
                             app: self.name.clone(),
                             slot,
-                            message: e.clone(),
+                            message: e.to_string(),
                         });
-                        failure.get_or_insert((slot, e));
+                        // A stop outranks a failure: nothing is rolled back then.
+                        if e == SlotError::Cancelled || failure.is_none() {
+                            failure = Some((slot, e));
+                        }
                     }
                 }
             }
@@ -237,39 +310,46 @@ impl App {
                 break;
             }
         }
-        let Some((slot, why)) = failure else {
-            let mut inner = self.inner();
-            let mut spec = AppSpec { cfg: new.cfg.clone(), version: new.version };
-            spec.cfg.instances = inner.slots.len() as u32;
-            inner.spec = Arc::new(spec);
-            drop(inner);
-            let n = slots.len();
-            self.ctx.metrics.rollout(&self.name, reason_kind(reason), true);
-            let message = format!("rolled {n}/{n} instances to version {}", new.version);
-            return AppResult { app: self.name.clone(), ok: true, message };
+        let (slot, why) = match failure {
+            None => {
+                let mut inner = self.inner();
+                let mut spec = AppSpec { cfg: new.cfg.clone(), version: new.version };
+                spec.cfg.instances = inner.slots.len() as u32;
+                inner.spec = Arc::new(spec);
+                drop(inner);
+                let n = slots.len();
+                self.ctx.metrics.rollout(&self.name, kind, "success");
+                return self.result_ok(&format!("rolled {n}/{n} instances to version {}", new.version));
+            }
+            Some((_, SlotError::Cancelled)) => return self.cancelled(kind),
+            Some(f) => f,
         };
-        self.ctx.metrics.rollout(&self.name, reason_kind(reason), false);
         // Every slot that now runs (or tries to run) the new version goes back.
         let touched: Vec<_> = slots.iter().filter(|s| s.view.borrow().version == new.version).cloned().collect();
         let ids: Vec<u32> = touched.iter().map(|s| s.slot).collect();
         if !ids.is_empty() {
             let _ = progress.send(RolloutEvent::RollingBack { app: self.name.clone(), slots: ids.clone() });
         }
-        let pending: Vec<_> = touched.iter().map(|s| (s.slot, s.replace(old.clone(), reason))).collect();
+        let pending: Vec<_> = touched.iter().map(|s| (s.slot, s.replace(old.clone(), reason, fence))).collect();
         let mut back_failures = Vec::new();
+        let mut cancelled = false;
         for (s, fut) in pending {
             let (ok, message) = match fut.await {
                 Ok(r) => (true, format!("back on version {} (pid {})", old.version, r.new_pid)),
                 Err(e) => {
+                    cancelled |= e == SlotError::Cancelled;
                     back_failures.push(s);
-                    (false, e)
+                    (false, e.to_string())
                 }
             };
             let _ = progress.send(RolloutEvent::SlotRolledBack { app: self.name.clone(), slot: s, ok, message });
         }
+        if cancelled {
+            return self.cancelled(kind);
+        }
+        self.ctx.metrics.rollout(&self.name, kind, "rolled_back");
         let mut message = format!(
-            "{} of `{}` failed at slot {slot}: {why}\nrolled back {} slot(s) to version {}; the others were not touched",
-            reason_kind(reason),
+            "{kind} of `{}` failed at slot {slot}: {why}\nrolled back {} slot(s) to version {}; the others were not touched",
             self.name,
             ids.len(),
             old.version
@@ -277,7 +357,12 @@ impl App {
         if !back_failures.is_empty() {
             message.push_str(&format!("\nslots {back_failures:?} could not be put back; see `supctl status`"));
         }
-        AppResult { app: self.name.clone(), ok: false, message }
+        self.fail(message)
+    }
+
+    fn cancelled(&self, kind: &str) -> AppResult {
+        self.ctx.metrics.rollout(&self.name, kind, "cancelled");
+        self.fail(format!("{kind} of `{}` cancelled by stop", self.name))
     }
 
     /// Changes the number of instances: new slots start (and must become ready)
@@ -286,10 +371,10 @@ impl App {
         if n == 0 {
             return self.fail("instances must be at least 1; use `supctl stop` to stop an app".into());
         }
-        self.run_op("scale", wait, move |app| async move { app.scale_now(n, &progress).await }).await
+        self.run_op("scale", wait, move |app, fence| async move { app.scale_now(n, fence, &progress).await }).await
     }
 
-    async fn scale_now(self: &Arc<Self>, n: u32, progress: &Progress) -> AppResult {
+    async fn scale_now(self: &Arc<Self>, n: u32, fence: u64, progress: &Progress) -> AppResult {
         let spec = self.spec();
         let current = self.inner().slots.len() as u32;
         let _ = progress.send(RolloutEvent::Started {
@@ -302,20 +387,27 @@ impl App {
         if n > current {
             let mut added = Vec::new();
             for slot in current..n {
-                let sockets = {
-                    let inner = self.inner();
-                    inner.sockets.for_slot(&spec.cfg, slot)
+                // Created under the same lock a stop raises the fence under.
+                let created = {
+                    let mut inner = self.inner();
+                    inner.sockets.for_slot(&spec.cfg, slot).map(|fds| {
+                        let env = Arc::new(WorkerEnv { ctx: self.ctx.clone(), fds: Arc::new(fds) });
+                        let handle = spawn_slot(slot, env, spec.clone(), inner.fence);
+                        inner.slots.push(handle.clone());
+                        handle
+                    })
                 };
-                let sockets = match sockets {
-                    Ok(s) => Arc::new(s),
-                    Err(e) => return self.fail(e.to_string()),
-                };
-                let handle = spawn_slot(slot, self.ctx.clone(), spec.clone(), sockets.clone());
-                self.inner().slots.push(Slot { handle: handle.clone(), _sockets: sockets });
-                added.push(handle);
+                match created {
+                    Ok(handle) => added.push(handle),
+                    Err(e) => {
+                        self.remove_slots(current, fence, progress).await;
+                        return self.fail(e.to_string());
+                    }
+                }
             }
-            let pending: Vec<_> = added.iter().map(|h| (h.slot, h.start(spec.clone()))).collect();
+            let pending: Vec<_> = added.iter().map(|h| (h.slot, h.start(spec.clone(), fence))).collect();
             let mut failures = Vec::new();
+            let mut cancelled = false;
             for (slot, fut) in pending {
                 match fut.await {
                     Ok(r) => {
@@ -330,63 +422,49 @@ impl App {
                         let _ = progress.send(RolloutEvent::SlotFailed {
                             app: self.name.clone(),
                             slot,
-                            message: e.clone(),
+                            message: e.to_string(),
                         });
+                        cancelled |= e == SlotError::Cancelled;
                         failures.push(format!("slot {slot}: {e}"));
                     }
                 }
             }
             if !failures.is_empty() {
                 // Back to the old size: the new slots never served.
-                self.remove_slots(current, progress).await;
-                return AppResult {
-                    app: self.name.clone(),
-                    ok: false,
-                    message: format!(
-                        "scale of `{}` to {n} failed; back at {current}:\n{}",
-                        self.name,
-                        failures.join("\n")
-                    ),
-                };
+                self.remove_slots(current, fence, progress).await;
+                if cancelled {
+                    return self.cancelled("scale");
+                }
+                self.ctx.metrics.rollout(&self.name, "scale", "rolled_back");
+                return self.fail(format!(
+                    "scale of `{}` to {n} failed; back at {current}:\n{}",
+                    self.name,
+                    failures.join("\n")
+                ));
             }
         } else if n < current {
-            self.remove_slots(n, progress).await;
+            self.remove_slots(n, fence, progress).await;
         }
-        self.ctx.metrics.rollout(&self.name, "scale", true);
+        self.ctx.metrics.rollout(&self.name, "scale", "success");
         let mut cfg = spec.cfg.clone();
         cfg.instances = n;
         self.inner().spec = Arc::new(AppSpec { cfg, version: spec.version });
-        AppResult { app: self.name.clone(), ok: true, message: format!("scaled from {current} to {n} instances") }
+        self.result_ok(&format!("scaled from {current} to {n} instances"))
     }
 
     /// Stops slots `keep..` and closes their sockets once their workers are gone.
-    async fn remove_slots(&self, keep: u32, progress: &Progress) {
+    async fn remove_slots(&self, keep: u32, fence: u64, progress: &Progress) {
         let doomed: Vec<SlotHandle> = self.slots().into_iter().filter(|s| s.slot >= keep).rev().collect();
         // One at a time: connections migrating out of a closing socket must
         // not land in another socket that is closing at the same instant.
         for s in doomed {
-            s.stop().await;
+            s.stop(fence, false).await;
             let _ = progress.send(RolloutEvent::SlotRemoved { app: self.name.clone(), slot: s.slot });
         }
         // Dropping the last handle ends the slot task; dropping the sockets closes
         // them, and with net.ipv4.tcp_migrate_req the kernel moves connections
         // still queued in them to the remaining slots.
-        self.inner().slots.retain(|s| s.handle.slot < keep);
-    }
-
-    /// Replaces one slot's worker (memory limit) unless another operation runs on the app;
-    /// returns false when it is busy, so the caller tries again at its next sample.
-    pub fn try_replace_slot(self: &Arc<Self>, slot: u32, reason: RestartReason) -> Option<tokio::task::JoinHandle<()>> {
-        let guard = self.op.clone().try_lock_owned().ok()?;
-        let handle = self.slots().into_iter().find(|s| s.slot == slot)?;
-        let spec = self.spec();
-        let name = self.name.clone();
-        Some(tokio::spawn(async move {
-            if let Err(e) = handle.replace(spec, reason).await {
-                tracing::warn!(app = %name, slot, "replacement failed: {e}");
-            }
-            drop(guard);
-        }))
+        self.inner().slots.retain(|s| s.slot < keep);
     }
 
     /// A successful result with `message`.
@@ -394,17 +472,13 @@ impl App {
         AppResult { app: self.name.clone(), ok: true, message: message.to_string() }
     }
 
-    fn fail(&self, message: String) -> AppResult {
-        AppResult { app: self.name.clone(), ok: false, message }
+    /// The answer for an app that supd will not start because it is shutting down.
+    pub fn fail_closing(&self) -> AppResult {
+        self.fail("not added: supd is shutting down".into())
     }
 
-    /// Stops every slot, ignoring any operation in progress (supd is shutting down).
-    pub async fn shutdown(&self) {
-        let slots = self.slots();
-        let pending: Vec<_> = slots.iter().map(|s| s.stop()).collect();
-        for fut in pending {
-            fut.await;
-        }
+    fn fail(&self, message: String) -> AppResult {
+        AppResult { app: self.name.clone(), ok: false, message }
     }
 
     /// SIGKILLs every worker of the app.
@@ -414,47 +488,58 @@ impl App {
         }
     }
 
-    fn result(&self, total: usize, verb: &str, failures: Vec<String>) -> AppResult {
-        let ok = failures.is_empty();
-        let message = if ok {
-            format!("{verb} {total}/{total} instances")
-        } else {
-            format!("{} of {total} instances failed:\n{}", failures.len(), failures.join("\n"))
-        };
-        AppResult { app: self.name.clone(), ok, message }
+    fn result(&self, op: &str, total: usize, verb: &str, outcome: Outcome) -> AppResult {
+        match outcome {
+            Outcome::Done => self.result_ok(&format!("{verb} {total}/{total} instances")),
+            Outcome::Cancelled => self.fail(format!("{op} of `{}` cancelled by stop", self.name)),
+            Outcome::Failed(failures) => self.fail(format!(
+                "{} of {total} instances failed:\n{}",
+                failures.len(),
+                failures.join("\n")
+            )),
+        }
     }
 
-    /// Runs one operation at a time per app, in its own task.
+    fn set_op(&self, name: Option<&'static str>) {
+        *self.op_name.lock().unwrap_or_else(|e| e.into_inner()) = name;
+    }
+
+    /// Runs one operation at a time per app, in its own task (a client that
+    /// hangs up does not cancel it). The operation gets the fence of the
+    /// moment it was asked for: a stop after that cancels it, even while it
+    /// still waits for its turn.
     async fn run_op<F, Fut>(self: &Arc<Self>, name: &'static str, wait: bool, f: F) -> AppResult
     where
-        F: FnOnce(Arc<App>) -> Fut + Send + 'static,
+        F: FnOnce(Arc<App>, u64) -> Fut + Send + 'static,
         Fut: Future<Output = AppResult> + Send + 'static,
     {
+        let fence = {
+            let inner = self.inner();
+            if inner.removed {
+                return self.fail(format!("`{}` was removed", self.name));
+            }
+            inner.fence
+        };
         let guard = match self.op.clone().try_lock_owned() {
             Ok(g) => g,
             Err(_) if wait => self.op.clone().lock_owned().await,
             Err(_) => {
                 let running = self.op_name.lock().unwrap_or_else(|e| e.into_inner()).unwrap_or("operation");
-                return AppResult {
-                    app: self.name.clone(),
-                    ok: false,
-                    message: format!("busy: a {running} of `{}` is in progress", self.name),
-                };
+                return self.fail(format!("busy: {} {running} of `{}` is in progress", article(running), self.name));
             }
         };
-        *self.op_name.lock().unwrap_or_else(|e| e.into_inner()) = Some(name);
+        if self.inner().fence != fence {
+            return self.fail(format!("{name} of `{}` cancelled by stop", self.name));
+        }
+        self.set_op(Some(name));
         let app = self.clone();
         let task = tokio::spawn(async move {
-            let result = f(app.clone()).await;
-            *app.op_name.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            let result = f(app.clone(), fence).await;
+            app.set_op(None);
             drop(guard);
             result
         });
-        task.await.unwrap_or_else(|e| AppResult {
-            app: self.name.clone(),
-            ok: false,
-            message: format!("internal error during {name}: {e}"),
-        })
+        task.await.unwrap_or_else(|e| self.fail(format!("internal error during {name}: {e}")))
     }
 
     /// Everything about the app for `supctl describe`: effective configuration
@@ -500,12 +585,13 @@ impl App {
     }
 
     /// Sends `sig` to the process group of every running worker of the app.
-    pub fn signal(&self, sig: i32) -> AppResult {
-        let pids: Vec<i32> = self.slots().iter().filter_map(|s| s.view.borrow().pid).collect();
-        for pid in &pids {
-            crate::spawner::kill_group(*pid, sig);
+    pub async fn signal(&self, sig: i32) -> AppResult {
+        let pending: Vec<_> = self.slots().iter().map(|s| s.signal(sig)).collect();
+        let mut n = 0;
+        for fut in pending {
+            n += usize::from(fut.await);
         }
-        self.result_ok(&format!("sent to {} worker(s)", pids.len()))
+        self.result_ok(&format!("sent to {n} worker(s)"))
     }
 
     /// Empties the app's current log files and removes the rotated ones.
@@ -530,6 +616,31 @@ impl App {
     /// The app's log files and live lines.
     pub fn logs(&self) -> &crate::logs::AppLogs {
         &self.ctx.logs
+    }
+}
+
+/// Waits for every slot's answer.
+async fn collect(pending: Vec<(u32, impl Future<Output = crate::slot::ReplaceResult>)>) -> Outcome {
+    let mut failures = Vec::new();
+    let mut cancelled = false;
+    for (slot, fut) in pending {
+        if let Err(e) = fut.await {
+            cancelled |= e == SlotError::Cancelled;
+            failures.push(format!("slot {slot}: {e}"));
+        }
+    }
+    match (cancelled, failures.is_empty()) {
+        (true, _) => Outcome::Cancelled,
+        (false, true) => Outcome::Done,
+        (false, false) => Outcome::Failed(failures),
+    }
+}
+
+fn article(word: &str) -> &'static str {
+    if word.starts_with(['a', 'e', 'i', 'o', 'u']) {
+        "an"
+    } else {
+        "a"
     }
 }
 

@@ -123,9 +123,9 @@ impl Metrics {
         self.restarts.get_or_create(&Restart { app: app.to_string(), reason }).inc();
     }
 
-    /// Counts a finished rollout.
-    pub fn rollout(&self, app: &str, kind: &str, ok: bool) {
-        let result = if ok { "success" } else { "rolled_back" }.to_string();
+    /// Counts a finished rollout; `result` is `success`, `rolled_back` or `cancelled`.
+    pub fn rollout(&self, app: &str, kind: &str, result: &str) {
+        let result = result.to_string();
         self.rollouts.get_or_create(&Rollout { app: app.to_string(), kind: kind.to_string(), result }).inc();
     }
 

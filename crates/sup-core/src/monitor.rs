@@ -3,14 +3,14 @@
 //! One task samples every `monitor_interval`; `status` reads the last sample
 //! and never waits for a fresh one. A worker whose tree stays over its app's
 //! `memory_limit` for `memory_limit_samples` samples in a row is replaced
-//! through its slot (new worker ready first, then the old one drains), with
-//! backoff between repeated memory replacements of a slot.
+//! through its slot (new worker ready first, then the old one drains); the
+//! slot decides, so the replacement is ordered with the app's operations.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use sup_proto::{RestartReason, WorkerState};
+use sup_proto::WorkerState;
 
 use crate::supervisor::Supervisor;
 
@@ -45,9 +45,6 @@ struct SlotTrack {
     ticks: u64,
     at: Option<Instant>,
     over: u32,
-    mem_attempt: u32,
-    next_allowed: Option<Instant>,
-    replacing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Starts the sampling task; it ends when the supervisor is dropped.
@@ -138,40 +135,18 @@ pub fn start(sup: Weak<Supervisor>, samples: Samples, interval: Duration) {
                         continue;
                     }
                     track.over += 1;
-                    let busy = track.replacing.load(std::sync::atomic::Ordering::SeqCst);
-                    let allowed = track.next_allowed.is_none_or(|t| now >= t);
-                    if track.over < spec.cfg.memory_limit_samples
-                        || view.state != WorkerState::Ready
-                        || busy
-                        || !allowed
-                    {
+                    if track.over < spec.cfg.memory_limit_samples || view.state != WorkerState::Ready {
                         continue;
                     }
-                    // Memory restarts back off like crashes; a long healthy run resets it.
-                    let uptime = view.since.map_or(Duration::ZERO, |s| s.elapsed());
-                    if uptime >= spec.cfg.backoff.reset_after {
-                        track.mem_attempt = 0;
-                    }
-                    track.next_allowed = Some(now + spec.cfg.backoff.delay(track.mem_attempt + 1));
-                    track.mem_attempt += 1;
                     track.over = 0;
                     tracing::warn!(
                         app = %app.name, slot = slot.slot, pid,
-                        "memory {} MiB over the limit of {} MiB for {} samples: replacing the worker",
+                        "memory {} MiB over the limit of {} MiB for {} samples",
                         tree_rss >> 20, limit >> 20, spec.cfg.memory_limit_samples
                     );
-                    // Through the app's operation lock, so it never races a reload.
-                    let Some(task) = app.try_replace_slot(slot.slot, RestartReason::Memory) else {
-                        tracing::info!(app = %app.name, slot = slot.slot, "memory replacement waits for the operation in progress");
-                        track.next_allowed = None;
-                        continue;
-                    };
-                    let flag = track.replacing.clone();
-                    flag.store(true, std::sync::atomic::Ordering::SeqCst);
-                    tokio::spawn(async move {
-                        let _ = task.await;
-                        flag.store(false, std::sync::atomic::Ordering::SeqCst);
-                    });
+                    // The slot decides: it replaces the worker unless a
+                    // replacement runs there already, backing off like crashes.
+                    slot.memory_exceeded(pid);
                 }
             }
             tracks.retain(|k, _| fresh.contains_key(k));

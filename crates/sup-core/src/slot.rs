@@ -13,19 +13,32 @@
 //!    │ stop             │  │ delay over  ▼
 //! Stopping ◀── stop ────┘  └────────── Backoff ──(crash loop)──▶ Errored
 //! ```
+//!
+//! Stop always wins. Every command that starts a worker carries the app's
+//! *fence* as it was when the operation was asked for; a stop raises the
+//! slot's fence, and a start or replacement carrying an older fence is
+//! answered [`SlotError::Cancelled`] instead of starting anything. So an
+//! operation interrupted by a stop (its rollback included) can never start a
+//! worker the stop has already reached. A slot whose handles are all dropped
+//! stops its workers and never restarts them.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sup_config::RestartPolicy;
 use sup_proto::{RestartReason, WorkerState};
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 
-use crate::listeners::SlotSockets;
 use crate::logs::tail_lines;
 use crate::reaper::ExitInfo;
-use crate::worker::{self, AppSpec, WorkerCtx, WorkerEvent, WorkerEventKind, WorkerHandle};
+use crate::worker::{AppSpec, Failure, WorkerEvent, WorkerEventKind, WorkerHandle};
+
+#[cfg(test)]
+mod tests;
 
 /// What `status` shows of a slot; published on every transition.
 #[derive(Debug, Clone)]
@@ -37,7 +50,7 @@ pub struct SlotView {
     /// Current worker's pid.
     pub pid: Option<i32>,
     /// When the current worker was spawned.
-    pub since: Option<Instant>,
+    pub since: Option<std::time::Instant>,
     /// Restarts so far.
     pub restarts: u32,
     /// Why the slot is in its state.
@@ -61,14 +74,61 @@ pub struct Replaced {
     pub ready_ms: u64,
 }
 
+/// Why a start or replacement did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SlotError {
+    /// A stop reached the slot first; nothing was (or will be) started.
+    #[error("cancelled by stop")]
+    Cancelled,
+    /// The new worker was started and failed (exit, not ready in time); the message has its last output.
+    #[error("{0}")]
+    Failed(String),
+    /// The new worker could not be started at all.
+    #[error("cannot start the new worker: {0}")]
+    Spawn(String),
+    /// The slot is still stopping its worker.
+    #[error("slot is stopping; try again when it has stopped")]
+    Stopping,
+    /// The slot's task has ended (its app was removed).
+    #[error("the slot was removed")]
+    Gone,
+}
+
 /// The answer to a start or replace command.
-pub type ReplaceResult = Result<Replaced, String>;
+pub type ReplaceResult = Result<Replaced, SlotError>;
+
+/// A future a [`SlotEnv`] returns.
+pub type EnvFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a slot needs from the world: starting workers, its sockets, counters.
+///
+/// The real one spawns processes on the slot's sockets; the unit tests use a
+/// fake that records every call, under tokio's paused clock.
+pub trait SlotEnv: Send + Sync + 'static {
+    /// The app's name, for logs.
+    fn app(&self) -> &str;
+    /// Starts a worker running `spec` in `slot`, reporting to `events`.
+    fn launch(
+        &self,
+        spec: Arc<AppSpec>,
+        slot: u32,
+        events: mpsc::UnboundedSender<WorkerEvent>,
+    ) -> EnvFuture<'_, Result<WorkerHandle, String>>;
+    /// Nobody will accept on the slot's sockets any more: close them, so clients are refused rather than left waiting.
+    fn close_sockets(&self);
+    /// A worker became ready after `ms` milliseconds.
+    fn on_ready(&self, ms: u64);
+    /// A worker was restarted or replaced.
+    fn on_restart(&self, reason: RestartReason);
+}
 
 enum SlotCmd {
-    Start { spec: Arc<AppSpec>, reply: oneshot::Sender<ReplaceResult> },
-    Replace { spec: Arc<AppSpec>, reason: RestartReason, reply: oneshot::Sender<ReplaceResult> },
-    Stop { reply: oneshot::Sender<()>, keep_sockets: bool },
+    Start { spec: Arc<AppSpec>, fence: u64, reply: oneshot::Sender<ReplaceResult> },
+    Replace { spec: Arc<AppSpec>, reason: RestartReason, fence: u64, reply: oneshot::Sender<ReplaceResult> },
+    Stop { fence: u64, keep_sockets: bool, reply: oneshot::Sender<()> },
     Kill,
+    Signal { sig: i32, reply: oneshot::Sender<bool> },
+    MemoryExceeded { pid: i32 },
 }
 
 /// Cheap handle to a slot task.
@@ -84,34 +144,28 @@ pub struct SlotHandle {
 impl SlotHandle {
     /// Starts the slot if it is not running; resolves when its worker is ready or failed.
     ///
-    /// The command is sent at once; await the result to wait for it.
-    pub fn start(&self, spec: Arc<AppSpec>) -> impl std::future::Future<Output = ReplaceResult> {
+    /// `fence` is the app's stop fence when the operation was asked for. The
+    /// command is sent at once; await the result to wait for it.
+    pub fn start(&self, spec: Arc<AppSpec>, fence: u64) -> impl Future<Output = ReplaceResult> {
         let (reply, rx) = oneshot::channel();
-        self.send(SlotCmd::Start { spec, reply });
-        async move { rx.await.unwrap_or_else(|_| Err("slot is gone".into())) }
+        self.send(SlotCmd::Start { spec, fence, reply });
+        async move { rx.await.unwrap_or(Err(SlotError::Gone)) }
     }
 
     /// Replaces the running worker: new one ready first, then the old one drains.
-    pub fn replace(
-        &self,
-        spec: Arc<AppSpec>,
-        reason: RestartReason,
-    ) -> impl std::future::Future<Output = ReplaceResult> {
+    pub fn replace(&self, spec: Arc<AppSpec>, reason: RestartReason, fence: u64) -> impl Future<Output = ReplaceResult> {
         let (reply, rx) = oneshot::channel();
-        self.send(SlotCmd::Replace { spec, reason, reply });
-        async move { rx.await.unwrap_or_else(|_| Err("slot is gone".into())) }
+        self.send(SlotCmd::Replace { spec, reason, fence, reply });
+        async move { rx.await.unwrap_or(Err(SlotError::Gone)) }
     }
 
-    /// Stops every worker of the slot gracefully; resolves when all have exited.
-    pub fn stop(&self) -> impl std::future::Future<Output = ()> {
-        self.stop_with(false)
-    }
-
-    /// Stops like [`SlotHandle::stop`]; `keep_sockets` leaves the slot's
-    /// sockets open so clients wait for the next start (used by restart).
-    pub fn stop_with(&self, keep_sockets: bool) -> impl std::future::Future<Output = ()> {
+    /// Stops every worker of the slot gracefully and cancels whatever was
+    /// asked with a fence below `fence`; resolves when all have exited.
+    /// `keep_sockets` leaves the slot's sockets open so clients wait for the
+    /// next start (used by restart).
+    pub fn stop(&self, fence: u64, keep_sockets: bool) -> impl Future<Output = ()> {
         let (reply, rx) = oneshot::channel();
-        self.send(SlotCmd::Stop { reply, keep_sockets });
+        self.send(SlotCmd::Stop { fence, keep_sockets, reply });
         async move {
             let _ = rx.await;
         }
@@ -120,6 +174,18 @@ impl SlotHandle {
     /// SIGKILLs every worker of the slot.
     pub fn kill(&self) {
         self.send(SlotCmd::Kill);
+    }
+
+    /// Sends `sig` to the current worker's process group; resolves to whether one was running.
+    pub fn signal(&self, sig: i32) -> impl Future<Output = bool> {
+        let (reply, rx) = oneshot::channel();
+        self.send(SlotCmd::Signal { sig, reply });
+        async move { rx.await.unwrap_or(false) }
+    }
+
+    /// The monitor saw worker `pid` over its memory limit for the configured samples.
+    pub fn memory_exceeded(&self, pid: i32) {
+        self.send(SlotCmd::MemoryExceeded { pid });
     }
 
     fn send(&self, cmd: SlotCmd) {
@@ -134,7 +200,7 @@ enum State {
     Starting { worker: WorkerHandle },
     Ready { worker: WorkerHandle },
     Stopping { worker: WorkerHandle },
-    Backoff { until: tokio::time::Instant },
+    Backoff { until: Instant },
     Errored { reason: String },
 }
 
@@ -173,21 +239,27 @@ struct DrainWait {
 }
 
 /// The task owning one slot.
-pub struct SlotTask {
+struct SlotTask {
     slot: u32,
-    ctx: Arc<WorkerCtx>,
-    fds: Arc<SlotSockets>,
+    env: Arc<dyn SlotEnv>,
     spec: Arc<AppSpec>,
     state: State,
     next: Option<Replacement>,
+    // Replacements asked for while another one runs here (say a reload
+    // reaching a slot in the middle of its memory replacement): run in order.
+    deferred: VecDeque<SlotCmd>,
     draining: Vec<WorkerHandle>,
-    drain_wait: Option<DrainWait>,
+    drain_waits: Vec<DrainWait>,
     start_waiters: Vec<oneshot::Sender<ReplaceResult>>,
     stop_waiters: Vec<oneshot::Sender<()>>,
     keep_sockets: bool,
+    // Starts and replacements asked for with a lower fence are cancelled.
+    fence: u64,
     restarts: u32,
     attempt: u32,
     crashes: VecDeque<Instant>,
+    mem_attempt: u32,
+    mem_not_before: Option<Instant>,
     last_restart_reason: Option<RestartReason>,
     status_text: Option<String>,
     events_tx: mpsc::UnboundedSender<WorkerEvent>,
@@ -196,8 +268,8 @@ pub struct SlotTask {
     view: watch::Sender<SlotView>,
 }
 
-/// Creates a stopped slot and starts its task. `fds` are the slot's listening sockets, owned by the caller.
-pub fn spawn_slot(slot: u32, ctx: Arc<WorkerCtx>, spec: Arc<AppSpec>, fds: Arc<SlotSockets>) -> SlotHandle {
+/// Creates a stopped slot and starts its task; `fence` is the app's stop fence now.
+pub fn spawn_slot(slot: u32, env: Arc<dyn SlotEnv>, spec: Arc<AppSpec>, fence: u64) -> SlotHandle {
     let (tx, cmds) = mpsc::unbounded_channel();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let view = SlotView {
@@ -214,19 +286,22 @@ pub fn spawn_slot(slot: u32, ctx: Arc<WorkerCtx>, spec: Arc<AppSpec>, fds: Arc<S
     let (view_tx, view_rx) = watch::channel(view);
     let task = SlotTask {
         slot,
-        ctx,
-        fds,
+        env,
         spec,
         state: State::Stopped { reason: "not started".into() },
         next: None,
+        deferred: VecDeque::new(),
         draining: Vec::new(),
-        drain_wait: None,
+        drain_waits: Vec::new(),
         start_waiters: Vec::new(),
         stop_waiters: Vec::new(),
         keep_sockets: false,
+        fence,
         restarts: 0,
         attempt: 0,
         crashes: VecDeque::new(),
+        mem_attempt: 0,
+        mem_not_before: None,
         last_restart_reason: None,
         status_text: None,
         events_tx,
@@ -250,24 +325,31 @@ impl SlotTask {
                 cmd = self.cmds.recv(), if !closed => match cmd {
                     Some(cmd) => self.on_cmd(cmd).await,
                     None => {
-                        // Every handle is gone: supd is dropping this slot.
                         closed = true;
-                        self.kill_all();
+                        self.close();
                     }
                 },
                 Some(ev) = self.events_rx.recv() => self.on_event(ev).await,
-                _ = tokio::time::sleep_until(backoff.unwrap_or_else(tokio::time::Instant::now)), if backoff.is_some() => {
-                    self.spawn_current("backoff delay over").await;
+                _ = tokio::time::sleep_until(backoff.unwrap_or_else(Instant::now)), if backoff.is_some() => {
+                    self.spawn_current("backoff delay over".into()).await;
                 }
             }
-            if closed && self.state.worker().is_none() && self.next.is_none() && self.draining.is_empty() {
+            while self.next.is_none() {
+                let Some(cmd) = self.deferred.pop_front() else { break };
+                self.on_cmd(cmd).await;
+            }
+            if closed && self.idle() {
                 return;
             }
         }
     }
 
     fn app(&self) -> &str {
-        &self.ctx.app
+        self.env.app()
+    }
+
+    fn idle(&self) -> bool {
+        self.state.worker().is_none() && self.next.is_none() && self.draining.is_empty()
     }
 
     /// The one place where the state changes: logs the transition and publishes it.
@@ -278,7 +360,7 @@ impl SlotTask {
         self.state = state;
         if matches!(to, WorkerState::Errored) || (matches!(to, WorkerState::Stopped) && !self.keep_sockets) {
             // Nobody will accept here: refuse (or migrate) rather than let clients wait.
-            self.fds.close();
+            self.env.close_sockets();
         }
         let pid = self.state.worker().map(|w| w.pid);
         tracing::info!(app = self.app(), slot = self.slot, pid, "{} -> {}: {reason}", from.as_str(), to.as_str());
@@ -291,7 +373,7 @@ impl SlotTask {
             slot: self.slot,
             state: self.state.kind(),
             pid: worker.map(|w| w.pid),
-            since: worker.map(|w| w.started),
+            since: worker.map(|w| w.started.into_std()),
             restarts: self.restarts,
             reason: match &self.state {
                 State::Stopped { reason } | State::Errored { reason } if !reason.is_empty() => reason.clone(),
@@ -306,45 +388,96 @@ impl SlotTask {
 
     async fn on_cmd(&mut self, cmd: SlotCmd) {
         match cmd {
-            SlotCmd::Start { spec, reply } => match &self.state {
+            SlotCmd::Start { reply, fence, .. } | SlotCmd::Replace { reply, fence, .. } if fence < self.fence => {
+                let _ = reply.send(Err(SlotError::Cancelled));
+            }
+            SlotCmd::Start { spec, reply, .. } => match &self.state {
                 State::Ready { worker } => {
                     let _ = reply.send(Ok(Replaced { old_pid: None, new_pid: worker.pid, ready_ms: 0 }));
                 }
                 State::Starting { .. } => self.start_waiters.push(reply),
                 State::Stopping { .. } => {
-                    let _ = reply.send(Err("slot is stopping; try again when it has stopped".into()));
+                    let _ = reply.send(Err(SlotError::Stopping));
                 }
                 State::Stopped { .. } | State::Errored { .. } | State::Backoff { .. } => {
                     self.spec = spec;
                     self.attempt = 0;
                     self.crashes.clear();
                     self.start_waiters.push(reply);
-                    self.spawn_current("start requested").await;
+                    self.spawn_current("start requested".into()).await;
                 }
             },
-            SlotCmd::Replace { spec, reason, reply } => self.replace(spec, reason, reply).await,
-            SlotCmd::Stop { reply, keep_sockets } => {
-                self.keep_sockets = keep_sockets;
-                self.stop_waiters.push(reply);
-                if let Some(next) = self.next.take() {
-                    next.worker.kill();
-                    let _ = next.reply.send(Err("cancelled: the slot was asked to stop".into()));
-                    self.draining.push(next.worker);
-                }
-                for w in self.start_waiters.drain(..) {
-                    let _ = w.send(Err("stopped before it became ready".into()));
-                }
-                match std::mem::replace(&mut self.state, State::Stopped { reason: String::new() }) {
-                    State::Starting { worker } | State::Ready { worker } | State::Stopping { worker } => {
-                        worker.stop();
-                        self.set_state(State::Stopping { worker }, "stop requested");
-                    }
-                    _ => self.set_state(State::Stopped { reason: "stopped by request".into() }, "stopped by request"),
-                }
-                self.finish_stop();
-            }
+            cmd @ SlotCmd::Replace { .. } if self.next.is_some() => self.deferred.push_back(cmd),
+            SlotCmd::Replace { spec, reason, reply, .. } => self.replace(spec, reason, Some(reply)).await,
+            SlotCmd::Stop { fence, keep_sockets, reply } => self.stop(fence, keep_sockets, reply),
             SlotCmd::Kill => self.kill_all(),
+            SlotCmd::Signal { sig, reply } => {
+                let _ = reply.send(self.state.worker().map(|w| w.signal(sig)).is_some());
+            }
+            SlotCmd::MemoryExceeded { pid } => self.on_memory(pid).await,
         }
+    }
+
+    fn stop(&mut self, fence: u64, keep_sockets: bool, reply: oneshot::Sender<()>) {
+        self.fence = self.fence.max(fence);
+        self.keep_sockets = keep_sockets;
+        self.stop_waiters.push(reply);
+        self.cancel_pending();
+        match std::mem::replace(&mut self.state, State::Stopped { reason: String::new() }) {
+            State::Starting { worker } | State::Ready { worker } | State::Stopping { worker } => {
+                worker.stop();
+                let reason = format!("stop requested (pid {})", worker.pid);
+                self.set_state(State::Stopping { worker }, &reason);
+            }
+            State::Stopped { reason } if !reason.is_empty() => {
+                // Already stopped: no transition to log, but the sockets a restart kept open close now.
+                self.state = State::Stopped { reason };
+                if !keep_sockets {
+                    self.env.close_sockets();
+                }
+            }
+            _ => self.set_state(State::Stopped { reason: "stopped by request".into() }, "stopped by request"),
+        }
+        self.finish_stop();
+    }
+
+    /// Answers every start and replacement still pending with "cancelled by stop".
+    fn cancel_pending(&mut self) {
+        if let Some(next) = self.next.take() {
+            // Not serving yet: no need to let it drain.
+            next.worker.kill();
+            tracing::info!(app = self.app(), slot = self.slot, pid = next.worker.pid, "replacement cancelled by stop");
+            let _ = next.reply.send(Err(SlotError::Cancelled));
+            self.draining.push(next.worker);
+        }
+        for cmd in self.deferred.drain(..) {
+            if let SlotCmd::Start { reply, .. } | SlotCmd::Replace { reply, .. } = cmd {
+                let _ = reply.send(Err(SlotError::Cancelled));
+            }
+        }
+        for w in self.drain_waits.drain(..) {
+            let _ = w.reply.send(Err(SlotError::Cancelled));
+        }
+        for w in self.start_waiters.drain(..) {
+            let _ = w.send(Err(SlotError::Cancelled));
+        }
+    }
+
+    /// Every handle is gone (the app or the slot was removed): stop, never restart.
+    fn close(&mut self) {
+        self.fence = u64::MAX;
+        self.keep_sockets = false;
+        self.cancel_pending();
+        match std::mem::replace(&mut self.state, State::Stopped { reason: String::new() }) {
+            State::Starting { worker } | State::Ready { worker } | State::Stopping { worker } => {
+                worker.stop();
+                let reason = format!("slot removed (pid {})", worker.pid);
+                self.set_state(State::Stopping { worker }, &reason);
+            }
+            State::Stopped { reason } if !reason.is_empty() => self.state = State::Stopped { reason },
+            _ => self.set_state(State::Stopped { reason: "slot removed".into() }, "slot removed"),
+        }
+        self.finish_stop();
     }
 
     fn kill_all(&mut self) {
@@ -359,11 +492,30 @@ impl SlotTask {
         }
     }
 
-    async fn replace(&mut self, spec: Arc<AppSpec>, reason: RestartReason, reply: oneshot::Sender<ReplaceResult>) {
-        if self.next.is_some() {
-            let _ = reply.send(Err("a replacement is already in progress in this slot".into()));
+    /// Memory replacement: decided here, so it is ordered with the app's
+    /// operations and backs off like crashes do.
+    async fn on_memory(&mut self, pid: i32) {
+        let State::Ready { worker } = &self.state else { return };
+        if worker.pid != pid || self.next.is_some() || !self.deferred.is_empty() {
             return;
         }
+        let now = Instant::now();
+        if self.mem_not_before.is_some_and(|t| now < t) {
+            tracing::debug!(app = self.app(), slot = self.slot, pid, "memory replacement backs off");
+            return;
+        }
+        let cfg = &self.spec.cfg;
+        if now.duration_since(worker.started) >= cfg.backoff.reset_after {
+            self.mem_attempt = 0;
+        }
+        self.mem_not_before = Some(now + cfg.backoff.delay(self.mem_attempt.saturating_add(1)));
+        self.mem_attempt = self.mem_attempt.saturating_add(1);
+        tracing::warn!(app = self.app(), slot = self.slot, pid, "over the memory limit: replacing the worker");
+        self.replace(self.spec.clone(), RestartReason::Memory, None).await;
+    }
+
+    async fn replace(&mut self, spec: Arc<AppSpec>, reason: RestartReason, reply: Option<oneshot::Sender<ReplaceResult>>) {
+        let reply = reply.unwrap_or_else(|| oneshot::channel().0);
         if !matches!(self.state, State::Ready { .. }) {
             // Nothing serves here: no need to keep an old worker beside the new one.
             match std::mem::replace(&mut self.state, State::Stopped { reason: String::new() }) {
@@ -378,45 +530,43 @@ impl SlotTask {
             self.attempt = 0;
             self.crashes.clear();
             self.start_waiters.push(reply);
-            self.spawn_current(&format!("{} requested", RestartReason::as_str(reason))).await;
+            self.spawn_current(format!("{} requested", reason.as_str())).await;
             return;
         }
-        let fds = match self.fds.open() {
-            Ok(fds) => fds,
-            Err(e) => {
-                let _ = reply.send(Err(e.to_string()));
-                return;
-            }
-        };
-        match worker::start(&self.ctx, spec, self.slot, &fds, self.events_tx.clone()).await {
+        match self.env.launch(spec, self.slot, self.events_tx.clone()).await {
             Ok(worker) => {
+                let old_pid = self.state.worker().map(|w| w.pid);
                 tracing::info!(
                     app = self.app(),
                     slot = self.slot,
-                    pid = worker.pid,
+                    new_pid = worker.pid,
+                    old_pid,
                     "replacement started ({})",
-                    RestartReason::as_str(reason)
+                    reason.as_str()
                 );
                 self.next = Some(Replacement { worker, reason, reply });
             }
             Err(e) => {
-                let _ = reply.send(Err(format!("cannot start the new worker: {e}")));
+                let _ = reply.send(Err(SlotError::Spawn(e)));
             }
         }
     }
 
     async fn on_event(&mut self, ev: WorkerEvent) {
         if self.next.as_ref().is_some_and(|n| n.worker.id == ev.id) {
-            return self.on_next_event(ev).await;
+            return self.on_next_event(ev);
         }
         if let Some(i) = self.draining.iter().position(|w| w.id == ev.id) {
             if let WorkerEventKind::Exited { info, .. } = ev.kind {
                 let old = self.draining.remove(i);
                 tracing::info!(app = self.app(), slot = self.slot, pid = old.pid, "old worker {info}");
-                if self.drain_wait.as_ref().is_some_and(|d| d.old_id == old.id) {
-                    if let Some(d) = self.drain_wait.take() {
-                        let _ = d.reply.send(Ok(d.done));
-                    }
+                // Every reply waiting for this worker; others (say a watchdog
+                // replacement finished meanwhile) keep waiting for theirs.
+                let (done, waiting): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut self.drain_waits).into_iter().partition(|d| d.old_id == old.id);
+                self.drain_waits = waiting;
+                for d in done {
+                    let _ = d.reply.send(Ok(d.done));
                 }
                 self.finish_stop();
             }
@@ -441,7 +591,7 @@ impl SlotTask {
                 {
                     let ready_ms = worker.started.elapsed().as_millis() as u64;
                     let done = Replaced { old_pid: None, new_pid: worker.pid, ready_ms };
-                    self.ctx.metrics.ready(&self.ctx.app, ready_ms);
+                    self.env.on_ready(ready_ms);
                     self.set_state(State::Ready { worker }, &format!("ready after {ready_ms} ms"));
                     for w in self.start_waiters.drain(..) {
                         let _ = w.send(Ok(done.clone()));
@@ -450,26 +600,27 @@ impl SlotTask {
             }
             WorkerEventKind::Ready => {}
             WorkerEventKind::Exited { info, failure } => self.on_current_exit(info, failure).await,
-            WorkerEventKind::WatchdogMissed => {
-                let (reply, _) = oneshot::channel();
-                let spec = self.spec.clone();
-                match &self.state {
-                    // A hung worker serving nothing still gets a replacement
-                    // ready before it is stopped.
-                    State::Ready { .. } if self.next.is_none() => {
-                        self.replace(spec, RestartReason::Watchdog, reply).await
-                    }
-                    State::Starting { worker } => {
-                        tracing::warn!(app = self.app(), slot = self.slot, "watchdog expired before ready: killing");
-                        worker.kill();
-                    }
-                    _ => {}
+            WorkerEventKind::WatchdogMissed => match &self.state {
+                // A hung worker serving nothing still gets a replacement
+                // ready before it is stopped.
+                State::Ready { .. } if self.next.is_none() => {
+                    self.replace(self.spec.clone(), RestartReason::Watchdog, None).await
                 }
-            }
+                State::Starting { worker } => {
+                    tracing::warn!(
+                        app = self.app(),
+                        slot = self.slot,
+                        pid = worker.pid,
+                        "watchdog expired before ready: killing"
+                    );
+                    worker.kill();
+                }
+                _ => {}
+            },
         }
     }
 
-    async fn on_next_event(&mut self, ev: WorkerEvent) {
+    fn on_next_event(&mut self, ev: WorkerEvent) {
         match ev.kind {
             WorkerEventKind::Status(_) | WorkerEventKind::WatchdogMissed => {}
             WorkerEventKind::Ready => {
@@ -479,21 +630,27 @@ impl SlotTask {
                     State::Starting { worker } | State::Ready { worker } | State::Stopping { worker } => Some(worker),
                     _ => None,
                 };
-                let done = Replaced { old_pid: old.as_ref().map(|w| w.pid), new_pid: next.worker.pid, ready_ms };
+                let new_pid = next.worker.pid;
+                let done = Replaced { old_pid: old.as_ref().map(|w| w.pid), new_pid, ready_ms };
                 self.spec = next.worker.spec.clone();
                 self.restarts += 1;
                 self.last_restart_reason = Some(next.reason);
-                self.ctx.metrics.restart(&self.ctx.app, next.reason);
-                self.ctx.metrics.ready(&self.ctx.app, ready_ms);
+                self.env.on_restart(next.reason);
+                self.env.on_ready(ready_ms);
                 self.status_text = None;
-                self.set_state(
-                    State::Ready { worker: next.worker },
-                    &format!("{} ready after {ready_ms} ms", RestartReason::as_str(next.reason)),
-                );
+                let reason = match &old {
+                    Some(old) => format!(
+                        "{} ready after {ready_ms} ms (new_pid {new_pid}); old_pid {} drains",
+                        next.reason.as_str(),
+                        old.pid
+                    ),
+                    None => format!("{} ready after {ready_ms} ms (new_pid {new_pid})", next.reason.as_str()),
+                };
+                self.set_state(State::Ready { worker: next.worker }, &reason);
                 match old {
                     Some(old) => {
                         old.stop();
-                        self.drain_wait = Some(DrainWait { old_id: old.id, reply: next.reply, done });
+                        self.drain_waits.push(DrainWait { old_id: old.id, reply: next.reply, done });
                         self.draining.push(old);
                     }
                     None => {
@@ -503,19 +660,20 @@ impl SlotTask {
             }
             WorkerEventKind::Exited { info, failure } => {
                 let Some(next) = self.next.take() else { return };
-                let what = failure.unwrap_or_else(|| info.to_string());
-                let msg = failure_message(next.worker.pid, &what, &tail_lines(&next.worker.tail));
+                let msg = failure_message(next.worker.pid, info, failure.as_ref(), &tail_lines(&next.worker.tail));
                 tracing::warn!(
                     app = self.app(),
                     slot = self.slot,
-                    "replacement failed: {what}; keeping the current worker"
+                    pid = next.worker.pid,
+                    "replacement failed: {}; keeping the current worker",
+                    describe(info, failure.as_ref())
                 );
-                let _ = next.reply.send(Err(msg));
+                let _ = next.reply.send(Err(SlotError::Failed(msg)));
             }
         }
     }
 
-    async fn on_current_exit(&mut self, info: ExitInfo, failure: Option<String>) {
+    async fn on_current_exit(&mut self, info: ExitInfo, failure: Option<Failure>) {
         // STATUS= text belongs to the worker that sent it.
         self.status_text = None;
         let old = std::mem::replace(&mut self.state, State::Stopped { reason: String::new() });
@@ -527,22 +685,21 @@ impl SlotTask {
                 return;
             }
         };
+        let what = describe(info, failure.as_ref());
+        let pid = worker.pid;
         if was_stopping {
-            self.set_state(State::Stopped { reason: format!("stopped ({info})") }, &format!("stopped ({info})"));
+            self.set_state(State::Stopped { reason: format!("stopped ({info})") }, &format!("pid {pid} stopped ({info})"));
             self.finish_stop();
             return;
         }
-        let what = failure.clone().unwrap_or_else(|| info.to_string());
         for w in self.start_waiters.drain(..) {
-            let _ = w.send(Err(failure_message(worker.pid, &what, &tail_lines(&worker.tail))));
+            let _ = w.send(Err(SlotError::Failed(failure_message(pid, info, failure.as_ref(), &tail_lines(&worker.tail)))));
         }
         if let Some(next) = self.next.take() {
             // The old worker died mid-rollout: the replacement takes the slot as it is.
             self.start_waiters.push(next.reply);
-            self.set_state(
-                State::Starting { worker: next.worker },
-                &format!("current worker {what}; replacement takes over"),
-            );
+            let reason = format!("pid {pid} {what}; replacement new_pid {} takes over", next.worker.pid);
+            self.set_state(State::Starting { worker: next.worker }, &reason);
             return;
         }
         let uptime = worker.started.elapsed();
@@ -563,10 +720,13 @@ impl SlotTask {
             } else {
                 State::Errored { reason: format!("{what}; restart = never") }
             };
-            self.set_state(state, &format!("{what}; not restarted (restart = {})", policy_word(cfg.restart)));
+            self.set_state(
+                state,
+                &format!("pid {pid} {what}; not restarted (restart = {})", policy_word(cfg.restart)),
+            );
             return;
         }
-        self.schedule_restart(&what, uptime).await;
+        self.schedule_restart(&format!("pid {pid} {what}"), uptime).await;
     }
 
     /// Counts a crash and either restarts now, after a backoff delay, or gives up.
@@ -593,45 +753,39 @@ impl SlotTask {
         self.attempt = self.attempt.saturating_add(1);
         self.restarts += 1;
         self.last_restart_reason = Some(RestartReason::Crash);
-        self.ctx.metrics.restart(&self.ctx.app, RestartReason::Crash);
+        self.env.on_restart(RestartReason::Crash);
         self.status_text = None;
         if delay.is_zero() {
-            self.spawn_current(&format!("{what}; restarting now")).await;
+            self.spawn_current(format!("{what}; restarting now")).await;
         } else {
-            let until = tokio::time::Instant::now() + delay;
-            self.set_state(
-                State::Backoff { until },
-                &format!("{what}; restarting in {} ms (delay_ms={})", delay.as_millis(), delay.as_millis()),
-            );
+            let until = Instant::now() + delay;
+            self.set_state(State::Backoff { until }, &format!("{what}; restarting in {}", humantime::format_duration(delay)));
         }
     }
 
     /// Spawns the slot's worker from the current spec.
-    async fn spawn_current(&mut self, reason: &str) {
+    async fn spawn_current(&mut self, reason: String) {
         self.status_text = None;
         self.keep_sockets = false;
-        let started = match self.fds.open() {
-            Ok(fds) => worker::start(&self.ctx, self.spec.clone(), self.slot, &fds, self.events_tx.clone()).await,
-            Err(e) => Err(e.to_string()),
-        };
-        match started {
-            Ok(worker) => self.set_state(State::Starting { worker }, reason),
+        match self.env.launch(self.spec.clone(), self.slot, self.events_tx.clone()).await {
+            Ok(worker) => {
+                let reason = format!("{reason} (new_pid {})", worker.pid);
+                self.set_state(State::Starting { worker }, &reason)
+            }
             Err(e) => {
-                let what = format!("cannot start: {e}");
                 for w in self.start_waiters.drain(..) {
-                    let _ = w.send(Err(what.clone()));
+                    let _ = w.send(Err(SlotError::Spawn(e.clone())));
                 }
                 // A spawn failure counts as a crash: it backs off and ends in errored.
                 self.state = State::Stopped { reason: String::new() };
-                Box::pin(self.schedule_restart(&what, Duration::ZERO)).await;
+                Box::pin(self.schedule_restart(&format!("cannot start: {e}"), Duration::ZERO)).await;
             }
         }
     }
 
     /// Answers stop requests once nothing of the slot runs any more.
     fn finish_stop(&mut self) {
-        let idle = self.state.worker().is_none() && self.next.is_none() && self.draining.is_empty();
-        if idle {
+        if self.idle() {
             for w in self.stop_waiters.drain(..) {
                 let _ = w.send(());
             }
@@ -639,11 +793,18 @@ impl SlotTask {
     }
 }
 
-fn failure_message(pid: i32, what: &str, tail: &[String]) -> String {
-    let mut msg = if what.starts_with("not ready") {
-        format!("worker {pid} was {what}")
-    } else {
-        format!("worker {pid} {what} before becoming ready")
+/// How a worker ended, in words: supd's reason when it killed it, else the exit.
+fn describe(info: ExitInfo, failure: Option<&Failure>) -> String {
+    match failure {
+        Some(f) => f.to_string(),
+        None => info.to_string(),
+    }
+}
+
+fn failure_message(pid: i32, info: ExitInfo, failure: Option<&Failure>, tail: &[String]) -> String {
+    let mut msg = match failure {
+        Some(f @ Failure::NotReady { .. }) => format!("worker {pid} was {f}"),
+        None => format!("worker {pid} {info} before becoming ready"),
     };
     if !tail.is_empty() {
         msg.push_str("; last output:");

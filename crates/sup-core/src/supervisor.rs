@@ -42,6 +42,9 @@ pub enum ApiError {
     /// The request was malformed.
     #[error("{0}")]
     BadRequest(String),
+    /// supd is shutting down; nothing new is started.
+    #[error("supd is shutting down")]
+    ShuttingDown,
     /// The configuration file on disk is invalid; nothing was changed.
     #[error("the configuration file is invalid; nothing was changed: {0}")]
     InvalidConfig(String),
@@ -79,6 +82,8 @@ pub struct Supervisor {
     // Serialises config apply with itself; per-app operations have their own lock.
     apply: tokio::sync::Mutex<()>,
     initial: Mutex<Vec<tokio::task::JoinHandle<AppResult>>>,
+    // Set once shutdown begins: nothing is added, started or rolled after that.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// Variables meant for supd itself, never passed on to workers.
@@ -120,6 +125,7 @@ impl Supervisor {
             shared,
             apply: tokio::sync::Mutex::new(()),
             initial: Mutex::new(Vec::new()),
+            closing: std::sync::atomic::AtomicBool::new(false),
         });
         crate::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
         crate::cron::start(Arc::downgrade(&sup));
@@ -192,8 +198,18 @@ impl Supervisor {
         Ok(StatusResponse { apps })
     }
 
+    fn refuse_if_closing(&self) -> Result<(), ApiError> {
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::ShuttingDown);
+        }
+        Ok(())
+    }
+
     /// Runs a verb on one app or all of them, the apps in parallel.
     pub async fn action(&self, verb: Verb, req: &ActionRequest) -> Result<ActionResponse, ApiError> {
+        if verb != Verb::Stop {
+            self.refuse_if_closing()?;
+        }
         let wait = req.wait;
         let tasks: Vec<_> = self
             .targets(&req.app, req.all)?
@@ -202,7 +218,7 @@ impl Supervisor {
                 tokio::spawn(async move {
                     match verb {
                         Verb::Start => app.start(wait).await,
-                        Verb::Stop => app.stop(wait).await,
+                        Verb::Stop => app.stop().await,
                         Verb::Restart => app.restart(wait).await,
                     }
                 })
@@ -213,8 +229,9 @@ impl Supervisor {
 
     /// Re-reads the configuration file and rolls the named apps onto it (validation happens before anything changes).
     pub async fn reload(&self, req: &ActionRequest, progress: Progress) -> Result<ActionResponse, ApiError> {
+        self.refuse_if_closing()?;
         let targets = self.targets(&req.app, req.all)?;
-        let config = self.read_config()?;
+        let config = self.read_config().await?;
         let mut tasks = Vec::new();
         let mut results = Vec::new();
         for app in targets {
@@ -239,6 +256,7 @@ impl Supervisor {
 
     /// Changes an app's number of instances.
     pub async fn scale(&self, app: &str, n: u32, wait: bool, progress: Progress) -> Result<ActionResponse, ApiError> {
+        self.refuse_if_closing()?;
         let app = self.find(app)?;
         let max = self.config.lock().unwrap_or_else(|e| e.into_inner()).supervisor.max_workers;
         let others: u64 = self.apps().iter().filter(|a| a.name != app.name).map(|a| a.slots().len() as u64).sum();
@@ -256,8 +274,10 @@ impl Supervisor {
     /// Re-reads the whole file and applies the difference: new apps start,
     /// removed ones stop, changed ones roll. An invalid file changes nothing.
     pub async fn apply(&self, progress: Progress) -> Result<ActionResponse, ApiError> {
+        self.refuse_if_closing()?;
         let _serial = self.apply.lock().await;
-        let new = self.read_config()?;
+        self.refuse_if_closing()?;
+        let new = self.read_config().await?;
         let old = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut results = Vec::new();
         if new.supervisor != old.supervisor {
@@ -283,7 +303,16 @@ impl Supervisor {
             match existing {
                 None => match self.shared.new_app(cfg) {
                     Ok(app) => {
-                        self.apps.lock().unwrap_or_else(|e| e.into_inner()).push(app.clone());
+                        {
+                            // Checked under the lock shutdown takes its list under: an app
+                            // is either in that list or never added.
+                            let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+                            if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                                results.push(app.fail_closing());
+                                continue;
+                            }
+                            apps.push(app.clone());
+                        }
                         tasks.push(tokio::spawn(async move {
                             let r =
                                 if app.spec().cfg.autostart { app.start(true).await } else { app.result_ok("added") };
@@ -327,14 +356,24 @@ impl Supervisor {
     fn replace_app(&self, old: &Arc<App>, cfg: AppConfig) -> Result<Arc<App>, crate::listeners::ListenError> {
         let fresh = self.shared.new_app(cfg)?;
         let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+        if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
+            // Shutting down: the old app is being stopped; the fresh one never runs.
+            return Ok(old.clone());
+        }
         if let Some(slot) = apps.iter_mut().find(|a| Arc::ptr_eq(a, old)) {
             *slot = fresh.clone();
         }
         Ok(fresh)
     }
 
-    fn read_config(&self) -> Result<Config, ApiError> {
-        sup_config::load(&self.config_path()).map_err(|e| ApiError::InvalidConfig(e.to_string()))
+    /// Reads and validates the file off the event loop (it may sit on a slow
+    /// disk, and validation looks users and groups up through NSS).
+    async fn read_config(&self) -> Result<Config, ApiError> {
+        let path = self.config_path();
+        tokio::task::spawn_blocking(move || sup_config::load(&path))
+            .await
+            .map_err(|e| ApiError::InvalidConfig(format!("internal error while reading the file: {e}")))?
+            .map_err(|e| ApiError::InvalidConfig(e.to_string()))
     }
 
     /// The app named `name`.
@@ -349,8 +388,10 @@ impl Supervisor {
         }
     }
 
-    /// Stops every app gracefully, in parallel; returns when every worker has exited.
+    /// Stops every app gracefully, in parallel; returns when every worker has
+    /// exited. Operations in progress are cancelled and no new one starts.
     pub async fn shutdown(&self) {
+        self.closing.store(true, std::sync::atomic::Ordering::SeqCst);
         let tasks: Vec<_> =
             self.apps().into_iter().map(|app| tokio::spawn(async move { app.shutdown().await })).collect();
         for t in tasks {

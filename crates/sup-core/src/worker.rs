@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use sup_config::{AppConfig, ReadyCheck};
@@ -48,10 +48,25 @@ pub struct AppSpec {
 }
 
 /// Messages from a slot to its worker task.
-#[derive(Debug)]
-enum WorkerCtl {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WorkerCtl {
+    /// Stop gracefully: stop signal (or Node's disconnect), SIGKILL after `stop_timeout`.
     Stop,
+    /// SIGKILL the process group now.
     Kill,
+    /// Send this signal to the process group.
+    Signal(i32),
+}
+
+/// Why supd ended a worker itself.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    /// It did not signal readiness within `ready_timeout`.
+    #[error("not ready within {}", humantime::format_duration(*within))]
+    NotReady {
+        /// The `ready_timeout` it had.
+        within: Duration,
+    },
 }
 
 /// A fact about a worker, reported to its slot.
@@ -77,7 +92,7 @@ pub enum WorkerEventKind {
         /// How it ended.
         info: ExitInfo,
         /// Why supd killed it, when it did (e.g. not ready in time).
-        failure: Option<String>,
+        failure: Option<Failure>,
     },
 }
 
@@ -89,7 +104,7 @@ pub struct WorkerHandle {
     /// Main pid, also the process group.
     pub pid: i32,
     /// When it was spawned.
-    pub started: Instant,
+    pub started: tokio::time::Instant,
     /// The spec it runs.
     pub spec: Arc<AppSpec>,
     /// Its last output lines.
@@ -98,16 +113,39 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// A handle on a worker whose task listens on `ctl` (the slot tests' fake launcher makes these).
+    pub(crate) fn new(
+        id: u64,
+        pid: i32,
+        spec: Arc<AppSpec>,
+        tail: Tail,
+        ctl: mpsc::UnboundedSender<WorkerCtl>,
+    ) -> WorkerHandle {
+        WorkerHandle { id, pid, started: tokio::time::Instant::now(), spec, tail, ctl }
+    }
+
     /// Asks it to stop: stop signal to its group, SIGKILL after `stop_timeout`.
     pub fn stop(&self) {
         let _ = self.ctl.send(WorkerCtl::Stop);
     }
 
     /// Kills its whole process group now.
+    ///
+    /// Through its task, which signals only while the process is not reaped,
+    /// so the signal can never reach a process that reused the pid.
     pub fn kill(&self) {
-        kill_group(self.pid, libc::SIGKILL);
         let _ = self.ctl.send(WorkerCtl::Kill);
     }
+
+    /// Sends `sig` to its process group (while it is alive).
+    pub fn signal(&self, sig: i32) {
+        let _ = self.ctl.send(WorkerCtl::Signal(sig));
+    }
+}
+
+/// A fresh worker id, unique among all workers of this supd.
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -120,7 +158,7 @@ pub async fn start(
     fds: &[(RawFd, String)],
     events: mpsc::UnboundedSender<WorkerEvent>,
 ) -> Result<WorkerHandle, String> {
-    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    let id = next_id();
     let cfg = &spec.cfg;
     let notify_path = ctx.notify_dir.join(format!("{}-{}-{}", cfg.name, slot, id));
     if notify_path.as_os_str().len() >= 108 {
@@ -134,12 +172,18 @@ pub async fn start(
         .map_err(|e| format!("cannot create notify socket `{}`: {e}", notify_path.display()))?;
 
     let env = worker_env(ctx, cfg, slot, notify.path(), fds);
+    // Supplementary groups are looked up by the spawner: NSS may block.
     let ids = match &cfg.user {
-        Some(user) => {
-            let gid = cfg.group.as_ref().map_or(user.gid, |g| g.gid);
-            Some((user.uid, gid, supplementary_groups(&user.name, gid)))
-        }
-        None => cfg.group.as_ref().map(|g| (nix::unistd::geteuid().as_raw(), g.gid, vec![g.gid])),
+        Some(user) => Some(crate::spawner::Credentials {
+            uid: user.uid,
+            gid: cfg.group.as_ref().map_or(user.gid, |g| g.gid),
+            user: Some(user.name.clone()),
+        }),
+        None => cfg.group.as_ref().map(|g| crate::spawner::Credentials {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: g.gid,
+            user: None,
+        }),
     };
     // PM2 apps talk to their supervisor over Node's IPC channel: a socket pair
     // whose child end Node finds through NODE_CHANNEL_FD.
@@ -197,7 +241,7 @@ pub async fn start(
     .collect();
 
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-    let handle = WorkerHandle { id, pid: spawned.pid, started: Instant::now(), spec: spec.clone(), tail, ctl: ctl_tx };
+    let handle = WorkerHandle::new(id, spawned.pid, spec.clone(), tail, ctl_tx);
     let watch = Watch {
         id,
         pid: spawned.pid,
@@ -224,14 +268,6 @@ fn dup_all(fds: &[(RawFd, String)]) -> Result<Vec<std::os::fd::OwnedFd>, String>
             borrowed.try_clone_to_owned().map_err(|e| format!("cannot duplicate a listening socket: {e}"))
         })
         .collect()
-}
-
-fn supplementary_groups(user: &str, gid: u32) -> Vec<u32> {
-    let Ok(name) = std::ffi::CString::new(user) else { return vec![gid] };
-    match nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)) {
-        Ok(groups) => groups.into_iter().map(|g| g.as_raw()).collect(),
-        Err(_) => vec![gid],
-    }
 }
 
 /// supd's environment, then the app's, then the variables of the protocol.
@@ -350,7 +386,7 @@ impl Watch {
         let mut signal_deadline: Option<tokio::time::Instant> = None;
         // Counted from the start, like systemd; every WATCHDOG=1 pushes it out.
         let mut watchdog_deadline = self.watchdog.map(|w| tokio::time::Instant::now() + w);
-        let mut failure: Option<String> = None;
+        let mut failure: Option<Failure> = None;
         let mut notify_ok = true;
         let mut ctl_open = true;
         let info = loop {
@@ -416,7 +452,7 @@ impl Watch {
                 }
                 _ = sleep_until(ready_deadline.unwrap_or_else(far)), if ready_deadline.is_some() => {
                     ready_deadline = None;
-                    failure = Some(format!("not ready within {}", humantime::format_duration(self.ready_timeout)));
+                    failure = Some(Failure::NotReady { within: self.ready_timeout });
                     // It may be serving already (on the slot's socket, beside the
                     // old worker): stop it gracefully so no request it took fails.
                     if kill_deadline.is_none() {
@@ -440,7 +476,10 @@ impl Watch {
                             kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
                         }
                     }
-                    Some(WorkerCtl::Kill) | None => {
+                    Some(WorkerCtl::Signal(sig)) => kill_group(self.pid, sig),
+                    Some(WorkerCtl::Kill) => kill_group(self.pid, libc::SIGKILL),
+                    // The slot dropped its handle without a stop: nothing may outlive it.
+                    None => {
                         ctl_open = false;
                         kill_group(self.pid, libc::SIGKILL);
                     }

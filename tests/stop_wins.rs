@@ -171,7 +171,7 @@ fn stop_wins_over_a_memory_replacement() {
 
 #[test]
 fn stop_wins_over_a_watchdog_replacement() {
-    stop_during_replacement("\"--stop-watchdog-after\", \"1s\"", "watchdog = \"500ms\"", "replacement started (watchdog)");
+    stop_during_replacement("\"--stop-watchdog-after\", \"4s\"", "watchdog = \"3s\"", "replacement started (watchdog)");
 }
 
 #[test]

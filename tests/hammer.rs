@@ -89,13 +89,13 @@ log_level = "info"
 monitor_interval = "500ms"
 
 [apps.web]
-command = ["{demo}", "--start-delay", "300ms", "--grow-memory", "3M", "--spawn-grandchild"]
+command = ["{demo}", "--start-delay", "300ms", "--grow-memory", "6M", "--spawn-grandchild"]
 instances = 2
 listen = ["127.0.0.1:{web}"]
 ready = "notify"
 ready_timeout = "20s"
 stop_timeout = "3s"
-memory_limit = "40M"
+memory_limit = "24M"
 memory_limit_samples = 2
 max_restarts = 1000
 env = {{ GEN = "{web_gen}" }}

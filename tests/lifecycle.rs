@@ -80,8 +80,9 @@ fn crash_loop_backs_off_and_ends_errored() {
     let delays: Vec<u64> = d
         .log()
         .lines()
-        .filter_map(|l| l.split("delay_ms=").nth(1))
-        .filter_map(|r| r.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok())
+        .filter_map(|l| l.split("restarting in ").nth(1))
+        .filter_map(|r| r.split_whitespace().next().and_then(|d| humantime::parse_duration(d).ok()))
+        .map(|d| d.as_millis() as u64)
         .collect();
     assert!(d.log().contains("restarting now"), "first restart is immediate:\n{}", d.log());
     assert_eq!(delays, vec![50, 100, 200], "growing backoff delays:\n{}", d.log());

@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Harness {
     rt: tokio::runtime::Runtime,
     sup: Arc<Supervisor>,
+    followers: sup_core::control::Followers,
 }
 
 fn harness() -> &'static Harness {
@@ -30,8 +31,8 @@ fn harness() -> &'static Harness {
         std::fs::write(&path, &text).expect("config");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         let cfg = sup_config::load(&path).expect("valid config");
-        let sup = rt.block_on(Supervisor::start(cfg)).expect("supervisor");
-        Harness { rt, sup }
+        let sup = rt.block_on(Supervisor::start(cfg, std::sync::Arc::new(sup_core::spec::NoRecorder))).expect("supervisor");
+        Harness { rt, sup, followers: sup_core::control::Followers::new(32) }
     })
 }
 
@@ -40,7 +41,8 @@ fuzz_target!(|data: &[u8]| {
     h.rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let allowed = data.first().is_some_and(|b| b & 1 == 0);
-        let conn = tokio::spawn(sup_core::control::serve_connection(h.sup.clone(), server, allowed, Some(1000)));
+        let peer = sup_core::control::Peer { allowed, uid: Some(1000), fd: None };
+        let conn = tokio::spawn(sup_core::control::serve_connection(h.sup.clone(), server, peer, h.followers.clone()));
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;
         let mut answer = Vec::new();

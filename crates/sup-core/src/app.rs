@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 
 use crate::listeners::{AppSockets, ListenError, SlotSockets};
 use crate::slot::{spawn_slot, EnvFuture, SlotEnv, SlotError, SlotHandle};
-use crate::worker::{AppSpec, WorkerCtx, WorkerEvent, WorkerHandle};
+use crate::spec::{AppSpec, Samples};
+use crate::worker::{WorkerCtx, WorkerEvent, WorkerHandle};
 
 /// The real [`SlotEnv`]: workers are processes on the slot's sockets.
 struct WorkerEnv {
@@ -46,11 +47,11 @@ impl SlotEnv for WorkerEnv {
     }
 
     fn on_ready(&self, ms: u64) {
-        self.ctx.metrics.ready(&self.ctx.app, ms);
+        self.ctx.recorder.ready(&self.ctx.app, ms);
     }
 
     fn on_restart(&self, reason: RestartReason) {
-        self.ctx.metrics.restart(&self.ctx.app, reason);
+        self.ctx.recorder.restart(&self.ctx.app, reason);
     }
 }
 
@@ -120,7 +121,7 @@ impl App {
     }
 
     /// The app's status, from the slots' last published views.
-    pub fn status(&self, samples: &crate::monitor::Samples) -> AppStatus {
+    pub fn status(&self, samples: &Samples) -> AppStatus {
         // Looked up under the lock, not copied: status is answered often.
         let samples = samples.lock().unwrap_or_else(|e| e.into_inner());
         let instances = self
@@ -318,7 +319,7 @@ impl App {
                 inner.spec = Arc::new(spec);
                 drop(inner);
                 let n = slots.len();
-                self.ctx.metrics.rollout(&self.name, kind, "success");
+                self.ctx.recorder.rollout(&self.name, kind, "success");
                 return self.result_ok(&format!("rolled {n}/{n} instances to version {}", new.version));
             }
             Some((_, SlotError::Cancelled)) => return self.cancelled(kind),
@@ -347,7 +348,7 @@ impl App {
         if cancelled {
             return self.cancelled(kind);
         }
-        self.ctx.metrics.rollout(&self.name, kind, "rolled_back");
+        self.ctx.recorder.rollout(&self.name, kind, "rolled_back");
         let mut message = format!(
             "{kind} of `{}` failed at slot {slot}: {why}\nrolled back {} slot(s) to version {}; the others were not touched",
             self.name,
@@ -361,7 +362,7 @@ impl App {
     }
 
     fn cancelled(&self, kind: &str) -> AppResult {
-        self.ctx.metrics.rollout(&self.name, kind, "cancelled");
+        self.ctx.recorder.rollout(&self.name, kind, "cancelled");
         self.fail(format!("{kind} of `{}` cancelled by stop", self.name))
     }
 
@@ -435,7 +436,7 @@ impl App {
                 if cancelled {
                     return self.cancelled("scale");
                 }
-                self.ctx.metrics.rollout(&self.name, "scale", "rolled_back");
+                self.ctx.recorder.rollout(&self.name, "scale", "rolled_back");
                 return self.fail(format!(
                     "scale of `{}` to {n} failed; back at {current}:\n{}",
                     self.name,
@@ -445,7 +446,7 @@ impl App {
         } else if n < current {
             self.remove_slots(n, fence, progress).await;
         }
-        self.ctx.metrics.rollout(&self.name, "scale", "success");
+        self.ctx.recorder.rollout(&self.name, "scale", "success");
         let mut cfg = spec.cfg.clone();
         cfg.instances = n;
         self.inner().spec = Arc::new(AppSpec { cfg, version: spec.version });
@@ -544,7 +545,7 @@ impl App {
 
     /// Everything about the app for `supctl describe`: effective configuration
     /// (environment keys only, never values), slots and log files.
-    pub fn describe(&self, samples: &crate::monitor::Samples) -> serde_json::Value {
+    pub fn describe(&self, samples: &Samples) -> serde_json::Value {
         let spec = self.spec();
         let c = &spec.cfg;
         let (dir, logs) = self.ctx.logs.files();

@@ -34,6 +34,7 @@ pub mod probe;
 pub mod reaper;
 pub mod slot;
 pub mod spawner;
+pub mod spec;
 pub mod supervisor;
 pub mod worker;
 

@@ -22,6 +22,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use sup_proto::{RestartReason, WorkerState};
 
+use crate::spec::Recorder;
 use crate::supervisor::Supervisor;
 
 /// Labels of a worker.
@@ -117,25 +118,31 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// Counts a restart or replacement.
-    pub fn restart(&self, app: &str, reason: RestartReason) {
+    /// The text exposition, with per-worker gauges taken from `sup` now.
+    pub fn render(&self, sup: &Supervisor) -> String {
+        self.render_now(sup)
+    }
+}
+
+impl Recorder for Metrics {
+    fn restart(&self, app: &str, reason: RestartReason) {
         let reason = reason.as_str().to_string();
         self.restarts.get_or_create(&Restart { app: app.to_string(), reason }).inc();
     }
 
-    /// Counts a finished rollout; `result` is `success`, `rolled_back` or `cancelled`.
-    pub fn rollout(&self, app: &str, kind: &str, result: &str) {
+    fn rollout(&self, app: &str, kind: &str, result: &str) {
         let result = result.to_string();
         self.rollouts.get_or_create(&Rollout { app: app.to_string(), kind: kind.to_string(), result }).inc();
     }
 
-    /// Records how long a worker took to become ready.
-    pub fn ready(&self, app: &str, ms: u64) {
+    fn ready(&self, app: &str, ms: u64) {
         self.ready_seconds.get_or_create(&App { app: app.to_string() }).observe(ms as f64 / 1000.0);
     }
 
-    /// The text exposition, with per-worker gauges taken from `sup` now.
-    pub fn render(&self, sup: &Supervisor) -> String {
+}
+
+impl Metrics {
+    fn render_now(&self, sup: &Supervisor) -> String {
         for f in [&self.rss, &self.tree_rss, &self.worker_restarts] {
             f.clear();
         }
@@ -189,7 +196,7 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, MetricsEr
 }
 
 /// Serves `/metrics` and `/health` until supd stops.
-pub async fn serve(listener: tokio::net::TcpListener, sup: Weak<Supervisor>) {
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Arc<Metrics>, sup: Weak<Supervisor>) {
     let limit = Arc::new(tokio::sync::Semaphore::new(64));
     loop {
         let Ok(permit) = limit.clone().acquire_owned().await else { return };
@@ -197,11 +204,11 @@ pub async fn serve(listener: tokio::net::TcpListener, sup: Weak<Supervisor>) {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
-        let sup = sup.clone();
+        let (sup, metrics) = (sup.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let sup = sup.clone();
-                async move { Ok::<_, Infallible>(route(sup, req)) }
+                let (sup, metrics) = (sup.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(route(&metrics, sup, req)) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -220,7 +227,7 @@ fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<
     r
 }
 
-fn route(sup: Weak<Supervisor>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+fn route(metrics: &Metrics, sup: Weak<Supervisor>, req: Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
     let Some(sup) = sup.upgrade() else {
         return text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "supd is stopping\n".into());
     };
@@ -229,7 +236,7 @@ fn route(sup: Weak<Supervisor>, req: Request<hyper::body::Incoming>) -> Response
     }
     match req.uri().path() {
         "/metrics" => {
-            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", sup.metrics.render(&sup))
+            text(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", metrics.render(&sup))
         }
         "/health" => {
             let (ok, body) = health(&sup);

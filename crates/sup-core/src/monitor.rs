@@ -7,30 +7,13 @@
 //! slot decides, so the replacement is ordered with the app's operations.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Weak;
 use std::time::{Duration, Instant};
 
 use sup_proto::WorkerState;
 
+use crate::spec::{Sample, Samples};
 use crate::supervisor::Supervisor;
-
-/// The last sample of one worker.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sample {
-    /// The worker's main pid when sampled.
-    pub pid: i32,
-    /// CPU use of the tree over the last interval, percent of one core.
-    pub cpu_percent: f64,
-    /// CPU time of the tree so far (live processes), seconds.
-    pub cpu_seconds: f64,
-    /// Resident memory of the main process.
-    pub rss_bytes: u64,
-    /// Resident memory of the main process and all its descendants.
-    pub tree_rss_bytes: u64,
-}
-
-/// Samples by (app, slot).
-pub type Samples = Arc<Mutex<HashMap<(String, u32), Sample>>>;
 
 #[derive(Default)]
 struct SlotTrack {

@@ -5,28 +5,37 @@
 //! listening socket on the port, read from /proc; only then is the port
 //! connected to. The HTTP answer itself may come from either worker.
 
+use std::io::BufRead;
 use std::time::Duration;
 
 use sup_config::ReadyCheck;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Time between probe attempts.
-const INTERVAL: Duration = Duration::from_millis(100);
+/// Time before the second attempt; it grows by half after each miss.
+const FIRST_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest time between attempts, so hundreds of starting workers stay cheap.
+const MAX_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest a single attempt may take.
 const ATTEMPT: Duration = Duration::from_secs(1);
 
 /// Probes until worker `pid` listens on `port` and the port answers as `check` requires.
 pub async fn until_ready(check: ReadyCheck, port: u16, pid: i32) {
+    let mut interval = FIRST_INTERVAL;
     loop {
-        if listens_on(pid, port) && tokio::time::timeout(ATTEMPT, once(&check, port)).await.unwrap_or(false) {
+        // /proc reads block (and are slow while the kernel is busy): never on the event loop.
+        let listening = tokio::task::spawn_blocking(move || listens_on(pid, port)).await.unwrap_or(false);
+        if listening && tokio::time::timeout(ATTEMPT, once(&check, port)).await.unwrap_or(false) {
             return;
         }
-        tokio::time::sleep(INTERVAL).await;
+        tokio::time::sleep(interval).await;
+        interval = (interval * 3 / 2).min(MAX_INTERVAL);
     }
 }
 
 /// True when `pid` or one of its children holds a TCP socket listening on `port`.
+///
+/// Blocking: reads /proc.
 pub fn listens_on(pid: i32, port: u16) -> bool {
     let mut pids = vec![pid];
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
@@ -48,16 +57,23 @@ pub fn listens_on(pid: i32, port: u16) -> bool {
             }
         }
     }
-    ["tcp", "tcp6"].iter().any(|table| {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")) else { return false };
-        text.lines().skip(1).any(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            // local_address is ADDR:PORT in hex; state 0A is LISTEN; column 9 is the inode.
-            cols.len() > 9
-                && cols[3] == "0A"
-                && cols[1].rsplit(':').next().and_then(|h| u16::from_str_radix(h, 16).ok()) == Some(port)
-                && inodes.contains(cols[9])
-        })
+    // The tables list every socket of the namespace; skip them when there is
+    // nothing to look for, and stop at the first match (tcp6 only if needed).
+    !inodes.is_empty() && ["tcp", "tcp6"].iter().any(|table| table_has_listener(pid, table, port, &inodes))
+}
+
+/// True when /proc/PID/net/TABLE lists a socket of `inodes` listening on `port`.
+fn table_has_listener(pid: i32, table: &str, port: u16, inodes: &std::collections::HashSet<String>) -> bool {
+    let Ok(file) = std::fs::File::open(format!("/proc/{pid}/net/{table}")) else { return false };
+    std::io::BufReader::new(file).lines().skip(1).map_while(Result::ok).any(|line| {
+        let mut cols = line.split_whitespace();
+        // local_address is ADDR:PORT in hex; state 0A is LISTEN; column 9 is the inode.
+        let local = cols.nth(1);
+        let state = cols.nth(1);
+        let inode = cols.nth(5);
+        state == Some("0A")
+            && local.and_then(|a| a.rsplit(':').next()).and_then(|h| u16::from_str_radix(h, 16).ok()) == Some(port)
+            && inode.is_some_and(|i| inodes.contains(i))
     })
 }
 

@@ -35,7 +35,8 @@ use tokio::time::Instant;
 
 use crate::logs::tail_lines;
 use crate::reaper::ExitInfo;
-use crate::worker::{AppSpec, Failure, WorkerEvent, WorkerEventKind, WorkerHandle};
+use crate::spec::AppSpec;
+use crate::worker::{Failure, WorkerEvent, WorkerEventKind, WorkerHandle};
 
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,12 @@
 //! async-signal-safe calls, because supd is multi-threaded and another thread
 //! may hold the allocator's lock at the moment of the fork. Forks happen on one
 //! dedicated, never-exiting thread, so `PR_SET_PDEATHSIG` (which fires when the
-//! *forking thread* exits) only fires when supd itself dies.
+//! *forking thread* exits) only fires when supd itself dies. That thread also
+//! looks up supplementary groups, which goes through NSS and may block.
+//!
+//! All signals stay blocked on that thread across `fork`, and the child resets
+//! every disposition before it unblocks them: until then it still has supd's
+//! handlers, which would report a signal meant for the worker to supd itself.
 
 use std::ffi::{CString, OsStr};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -13,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
 use nix::fcntl::OFlag;
+use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 use tokio::sync::oneshot;
 
 use crate::reaper::{ExitInfo, Reaper};
@@ -30,8 +36,20 @@ pub struct SpawnSpec {
     pub listen_pid: bool,
     /// Working directory.
     pub cwd: PathBuf,
-    /// Credentials to switch to: uid, gid, supplementary groups.
-    pub ids: Option<(u32, u32, Vec<u32>)>,
+    /// Credentials to switch to.
+    pub ids: Option<Credentials>,
+}
+
+/// Who a worker runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    /// User id.
+    pub uid: u32,
+    /// Primary group id.
+    pub gid: u32,
+    /// The user whose supplementary groups the worker gets, looked up on the
+    /// spawner thread; `None` gives it `gid` alone.
+    pub user: Option<String>,
 }
 
 /// A started child: its pid, the future of its exit and its output pipes.
@@ -76,22 +94,24 @@ struct Job {
 #[derive(Clone)]
 pub struct Spawner {
     tx: mpsc::Sender<Job>,
+    reaper: Reaper,
 }
 
 impl Spawner {
     /// Starts the dedicated forking thread.
     pub fn start(reaper: Reaper) -> std::io::Result<Spawner> {
         let (tx, rx) = mpsc::channel::<Job>();
+        let thread_reaper = reaper.clone();
         std::thread::Builder::new().name("sup-spawner".into()).spawn(move || {
             for job in rx {
-                let result = spawn_now(&reaper, job.spec);
+                let result = spawn_now(&thread_reaper, job.spec);
                 if let Err(Ok(spawned)) = job.reply.send(result) {
                     // Nobody waits for it any more: do not leave it unsupervised.
-                    kill_group(spawned.pid, libc::SIGKILL);
+                    thread_reaper.signal_group(spawned.pid, libc::SIGKILL);
                 }
             }
         })?;
-        Ok(Spawner { tx })
+        Ok(Spawner { tx, reaper })
     }
 
     /// Forks and execs a worker; resolves once `exec` has succeeded or failed.
@@ -100,9 +120,18 @@ impl Spawner {
         self.tx.send(Job { spec, reply }).map_err(|_| SpawnError::Closed)?;
         rx.await.map_err(|_| SpawnError::Closed)?
     }
+
+    /// Sends `sig` to the process group of worker `pgid` unless it has been
+    /// reaped (its number may be reused then); returns whether it was sent.
+    pub fn signal_group(&self, pgid: i32, sig: i32) -> bool {
+        self.reaper.signal_group(pgid, sig)
+    }
 }
 
 /// Sends `sig` to a whole process group; a vanished group is not an error.
+///
+/// Not for workers: once a worker is reaped its number may name another
+/// group. Signal them with [`Spawner::signal_group`], which knows.
 pub fn kill_group(pgid: i32, sig: i32) {
     if pgid > 1 {
         // SAFETY: killpg has no memory-safety preconditions.
@@ -184,7 +213,13 @@ fn spawn_now(reaper: &Reaper, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
         envp.push(buf.as_ptr().cast());
     }
     envp.push(std::ptr::null());
-    let ids = spec.ids.map(|(uid, gid, groups)| (uid, gid, groups.into_iter().map(|g| g as libc::gid_t).collect()));
+    let ids = spec.ids.map(|c| {
+        let groups = match &c.user {
+            Some(user) => supplementary_groups(user, c.gid),
+            None => vec![c.gid],
+        };
+        (c.uid, c.gid, groups)
+    });
     let mut prepared = Prepared {
         program: cstr(program.as_os_str())?,
         argv,
@@ -206,7 +241,8 @@ fn spawn_now(reaper: &Reaper, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
 
     let (exit_tx, exit_rx) = oneshot::channel();
     let pid = {
-        // Held across fork so the reaper cannot collect the child before it is registered.
+        let _blocked = BlockedSignals::all().map_err(os("pthread_sigmask"))?;
+        // Held across fork so the reaper cannot look the child up before it is registered.
         let mut waiters = reaper.lock();
         // SAFETY: the child only runs `child_exec`, which makes async-signal-safe calls.
         let pid = unsafe { libc::fork() };
@@ -248,64 +284,104 @@ fn spawn_now(reaper: &Reaper, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
     Ok(Spawned { pid, exit: exit_rx, stdout: out_r, stderr: err_r })
 }
 
+/// `gid` and the groups `user` belongs to; may block on NSS (LDAP, sssd).
+fn supplementary_groups(user: &str, gid: u32) -> Vec<libc::gid_t> {
+    let Ok(name) = CString::new(user) else { return vec![gid] };
+    match nix::unistd::getgrouplist(&name, nix::unistd::Gid::from_raw(gid)) {
+        Ok(groups) => groups.into_iter().map(|g| g.as_raw()).collect(),
+        Err(e) => {
+            tracing::warn!("cannot look up the groups of user `{user}`, starting with group {gid} only: {e}");
+            vec![gid]
+        }
+    }
+}
+
+/// Blocks every signal on this thread until dropped; the child never drops it.
+struct BlockedSignals(SigSet);
+
+impl BlockedSignals {
+    fn all() -> nix::Result<BlockedSignals> {
+        let mut old = SigSet::empty();
+        pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::all()), Some(&mut old))?;
+        Ok(BlockedSignals(old))
+    }
+}
+
+impl Drop for BlockedSignals {
+    fn drop(&mut self) {
+        // Restoring a mask we read ourselves cannot fail.
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.0), None);
+    }
+}
+
 /// Runs in the forked child. Only async-signal-safe calls; never returns.
 unsafe fn child_exec(p: &mut Prepared) -> ! {
-    unsafe fn fail(p: &Prepared, step: usize) -> ! {
+    unsafe fn fail(status_pipe: RawFd, step: usize) -> ! {
         let errno = unsafe { *libc::__errno_location() }.to_ne_bytes();
         let msg = [step as u8, errno[0], errno[1], errno[2], errno[3]];
         unsafe {
-            libc::write(p.status_pipe, msg.as_ptr().cast(), msg.len());
+            libc::write(status_pipe, msg.as_ptr().cast(), msg.len());
             libc::_exit(127)
         }
     }
     unsafe {
         // Signal mask and ignored signals survive exec; workers must start clean
         // (Rust ignores SIGPIPE, which would otherwise leak into every worker).
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-        for sig in 1..libc::SIGRTMIN() {
+        // Dispositions first: all signals are blocked until then, and one let
+        // through earlier would run a handler of supd's in this child.
+        for sig in 1..=libc::SIGRTMAX() {
             if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                // Fails harmlessly for the few signals libc reserves.
                 libc::signal(sig, libc::SIG_DFL);
             }
         }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         if libc::setpgid(0, 0) != 0 {
-            fail(p, 0);
+            fail(p.status_pipe, 0);
+        }
+        // Any descriptor we still need may sit on a target (0..3+n), the status
+        // pipe included, where a dup2 would replace it and an exec failure
+        // would be written into a socket. So every one is first copied to
+        // 3+n or above: F_DUPFD takes only free numbers and none of those is
+        // a target. The copies are close-on-exec; dup2 onto a target clears it.
+        let floor = 3 + p.fds.len() as RawFd;
+        let status = libc::fcntl(p.status_pipe, libc::F_DUPFD_CLOEXEC, floor);
+        if status < 0 {
+            fail(p.status_pipe, 1);
+        }
+        p.status_pipe = status;
+        for fd in [&mut p.stdin, &mut p.stdout, &mut p.stderr].into_iter().chain(p.fds.iter_mut()) {
+            let high = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, floor);
+            if high < 0 {
+                fail(status, 1);
+            }
+            *fd = high;
         }
         if libc::dup2(p.stdin, 0) < 0 || libc::dup2(p.stdout, 1) < 0 || libc::dup2(p.stderr, 2) < 0 {
-            fail(p, 1);
-        }
-        // Move sources above every target first, so no dup2 clobbers a source
-        // still to be moved; dup2 onto the target then clears close-on-exec.
-        let n = p.fds.len() as RawFd;
-        let floor = p.fds.iter().copied().max().unwrap_or(0).max(3 + n) + 1;
-        for i in 0..p.fds.len() {
-            let high = libc::fcntl(p.fds[i], libc::F_DUPFD_CLOEXEC, floor);
-            if high < 0 {
-                fail(p, 1);
-            }
-            p.fds[i] = high;
+            fail(p.status_pipe, 1);
         }
         for (i, &fd) in p.fds.iter().enumerate() {
             if libc::dup2(fd, 3 + i as RawFd) < 0 {
-                fail(p, 1);
+                fail(p.status_pipe, 1);
             }
         }
         if let Some(buf) = p.listen_pid.as_mut() {
             write_decimal(&mut buf[LISTEN_PID_PREFIX.len()..], libc::getpid() as u64);
         }
         if libc::chdir(p.cwd.as_ptr()) != 0 {
-            fail(p, 2);
+            fail(p.status_pipe, 2);
         }
         if let Some((uid, gid, groups)) = &p.ids {
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0 {
-                fail(p, 3);
+                fail(p.status_pipe, 3);
             }
             if libc::setgid(*gid) != 0 {
-                fail(p, 4);
+                fail(p.status_pipe, 4);
             }
             if libc::setuid(*uid) != 0 {
-                fail(p, 5);
+                fail(p.status_pipe, 5);
             }
         }
         // supd raised its own open-files limit; workers start with the one supd was given.
@@ -319,14 +395,14 @@ unsafe fn child_exec(p: &mut Prepared) -> ! {
         }
         // After the credential change, which clears it.
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
-            fail(p, 6);
+            fail(p.status_pipe, 6);
         }
         if libc::getppid() != p.parent {
             // supd died between fork and prctl.
             libc::_exit(1);
         }
         libc::execve(p.program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp.as_ptr());
-        fail(p, 7)
+        fail(p.status_pipe, 7)
     }
 }
 
@@ -383,6 +459,34 @@ mod tests {
         assert_eq!(&buf[..6], b"40213\0");
         write_decimal(&mut buf, 0);
         assert_eq!(&buf[..2], b"0\0");
+    }
+
+    #[tokio::test]
+    async fn child_failures_are_reported_when_pipes_sit_among_the_listen_fds() {
+        use std::fs::File;
+        let spawner = Spawner::start(crate::reaper::tests::test_reaper()).unwrap();
+        let dev_null = || File::open("/dev/null").unwrap();
+        // Low numbers taken now and freed before the spawn, so the spawner's
+        // pipes land inside 3..3+n, where the child installs the listen fds.
+        let low: Vec<File> = (0..50).map(|_| dev_null()).collect();
+        let listen: Vec<File> = (0..300).map(|_| dev_null()).collect();
+        let top = 3 + listen.len() as RawFd;
+        drop(low);
+        assert!(dev_null().as_raw_fd() < top, "new descriptors should be numbered low");
+        for (program, cwd, want) in [("/bin/true", "/nonexistent/sup-test", "chdir"), ("/dev/null", "/", "exec")] {
+            let spec = SpawnSpec {
+                argv: vec![program.into()],
+                env: Vec::new(),
+                fds: listen.iter().map(|f| f.as_raw_fd()).collect(),
+                listen_pid: true,
+                cwd: cwd.into(),
+                ids: None,
+            };
+            match spawner.spawn(spec).await {
+                Err(SpawnError::Child { step, .. }) => assert_eq!(step, want, "{program} in {cwd}"),
+                other => panic!("{program} in {cwd}: want a failed {want}, got {other:?}"),
+            }
+        }
     }
 
     #[test]

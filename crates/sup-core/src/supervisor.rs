@@ -10,6 +10,7 @@ use crate::app::{App, Progress};
 use crate::logs::AppLogs;
 use crate::reaper::Reaper;
 use crate::spawner::Spawner;
+use crate::spec::{Recorder, Samples};
 use crate::worker::WorkerCtx;
 
 /// Why supd could not start.
@@ -64,7 +65,7 @@ pub enum Verb {
 /// What creating an app needs besides its configuration.
 struct Shared {
     spawner: Spawner,
-    metrics: Arc<crate::metrics::Metrics>,
+    recorder: Arc<dyn Recorder>,
     base_env: Arc<Vec<(String, String)>>,
     notify_dir: PathBuf,
     log_dir: PathBuf,
@@ -74,9 +75,7 @@ struct Shared {
 pub struct Supervisor {
     apps: Mutex<Vec<Arc<App>>>,
     /// The monitor's last samples.
-    pub samples: crate::monitor::Samples,
-    /// Counters and gauges for /metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub samples: Samples,
     config: Mutex<Config>,
     shared: Shared,
     // Serialises config apply with itself; per-app operations have their own lock.
@@ -99,8 +98,10 @@ const OWN_VARS: &[&str] = &[
 ];
 
 impl Supervisor {
-    /// Creates folders, binds every listener and starts the autostart apps (without waiting for them).
-    pub async fn start(config: Config) -> Result<Arc<Supervisor>, StartError> {
+    /// Creates folders, binds every listener and starts the autostart apps
+    /// (without waiting for them). Counters go to `recorder`. The drivers
+    /// (monitor, cron, metrics, control) are started by the caller on top.
+    pub async fn start(config: Config, recorder: Arc<dyn Recorder>) -> Result<Arc<Supervisor>, StartError> {
         let sc = &config.supervisor;
         let notify_dir = sc.run_dir.join("notify");
         for (what, path) in [("run_dir", &sc.run_dir), ("notify folder", &notify_dir), ("log_dir", &sc.log_dir)] {
@@ -110,25 +111,20 @@ impl Supervisor {
         let spawner = Spawner::start(reaper).map_err(|e| StartError::Setup(format!("cannot start spawner: {e}")))?;
         let base_env: Arc<Vec<(String, String)>> =
             Arc::new(std::env::vars().filter(|(k, _)| !OWN_VARS.contains(&k.as_str())).collect());
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let shared = Shared { spawner, metrics: metrics.clone(), base_env, notify_dir, log_dir: sc.log_dir.clone() };
+        let shared = Shared { spawner, recorder, base_env, notify_dir, log_dir: sc.log_dir.clone() };
         let mut apps = Vec::new();
         for cfg in &config.apps {
             apps.push(shared.new_app(cfg.clone())?);
         }
-        let interval = config.supervisor.monitor_interval;
         let sup = Arc::new(Supervisor {
             apps: Mutex::new(apps),
             samples: Arc::default(),
-            metrics,
             config: Mutex::new(config),
             shared,
             apply: tokio::sync::Mutex::new(()),
             initial: Mutex::new(Vec::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
         });
-        crate::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
-        crate::cron::start(Arc::downgrade(&sup));
         let mut starts = Vec::new();
         for app in sup.apps() {
             if app.spec().cfg.autostart {
@@ -420,7 +416,7 @@ impl Shared {
             logs,
             notify_dir: self.notify_dir.clone(),
             base_env: self.base_env.clone(),
-            metrics: self.metrics.clone(),
+            recorder: self.recorder.clone(),
         });
         App::new(ctx, cfg)
     }

@@ -20,7 +20,8 @@ use crate::logs::{new_tail, AppLogs, Stream, Tail};
 use crate::nodeipc::{ChannelEvent, NodeChannel};
 use crate::notify::{NotifyMsg, NotifySocket};
 use crate::reaper::ExitInfo;
-use crate::spawner::{kill_group, SpawnSpec, Spawner};
+use crate::spec::{AppSpec, Recorder};
+use crate::spawner::{SpawnSpec, Spawner};
 
 /// What every worker of an app shares.
 pub struct WorkerCtx {
@@ -34,17 +35,8 @@ pub struct WorkerCtx {
     pub notify_dir: PathBuf,
     /// supd's environment, without the variables systemd meant for supd itself.
     pub base_env: Arc<Vec<(String, String)>>,
-    /// Where restarts and readiness are counted.
-    pub metrics: Arc<crate::metrics::Metrics>,
-}
-
-/// A configuration as run by workers, with its version number.
-#[derive(Debug)]
-pub struct AppSpec {
-    /// The validated app configuration.
-    pub cfg: AppConfig,
-    /// Increases with every reload or config change of the app.
-    pub version: u64,
+    /// Where restarts, rollouts and readiness are counted.
+    pub recorder: Arc<dyn Recorder>,
 }
 
 /// Messages from a slot to its worker task.
@@ -243,6 +235,7 @@ pub async fn start(
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let handle = WorkerHandle::new(id, spawned.pid, spec.clone(), tail, ctl_tx);
     let watch = Watch {
+        spawner: ctx.spawner.clone(),
         id,
         pid: spawned.pid,
         ready_check: cfg.ready.clone(),
@@ -316,6 +309,7 @@ fn worker_env(
 
 /// The state of a worker's watching task.
 struct Watch {
+    spawner: Spawner,
     id: u64,
     pid: i32,
     ready_check: ReadyCheck,
@@ -330,6 +324,12 @@ struct Watch {
 }
 
 impl Watch {
+    /// Signals the worker's group, only while the worker is not reaped: the
+    /// number can then never belong to another process.
+    fn signal(&self, sig: i32) {
+        self.spawner.signal_group(self.pid, sig);
+    }
+
     fn send(&self, kind: WorkerEventKind) {
         let _ = self.events.send(WorkerEvent { id: self.id, kind });
     }
@@ -351,7 +351,7 @@ impl Watch {
             }
         }
         if !asked {
-            kill_group(self.pid, self.stop_signal as i32);
+            self.signal(self.stop_signal as i32);
         }
         signal_at
     }
@@ -457,7 +457,7 @@ impl Watch {
                     // old worker): stop it gracefully so no request it took fails.
                     if kill_deadline.is_none() {
                         signal_deadline = self.ask_to_stop(ipc.as_mut());
-                        kill_group(self.pid, libc::SIGCONT);
+                        self.signal(libc::SIGCONT);
                         kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
                     }
                 }
@@ -472,35 +472,35 @@ impl Watch {
                         if kill_deadline.is_none() {
                             signal_deadline = self.ask_to_stop(ipc.as_mut());
                             // SIGCONT so a stopped (SIGSTOP) worker can act on the signal.
-                            kill_group(self.pid, libc::SIGCONT);
+                            self.signal(libc::SIGCONT);
                             kill_deadline = Some(tokio::time::Instant::now() + self.stop_timeout);
                         }
                     }
-                    Some(WorkerCtl::Signal(sig)) => kill_group(self.pid, sig),
-                    Some(WorkerCtl::Kill) => kill_group(self.pid, libc::SIGKILL),
+                    Some(WorkerCtl::Signal(sig)) => self.signal(sig),
+                    Some(WorkerCtl::Kill) => self.signal(libc::SIGKILL),
                     // The slot dropped its handle without a stop: nothing may outlive it.
                     None => {
                         ctl_open = false;
-                        kill_group(self.pid, libc::SIGKILL);
+                        self.signal(libc::SIGKILL);
                     }
                 },
                 _ = sleep_until(signal_deadline.unwrap_or_else(far)), if signal_deadline.is_some() => {
                     signal_deadline = None;
-                    kill_group(self.pid, self.stop_signal as i32);
+                    self.signal(self.stop_signal as i32);
                 }
                 _ = sleep_until(kill_deadline.unwrap_or_else(far)), if kill_deadline.is_some() => {
                     kill_deadline = None;
                     tracing::warn!(pid = self.pid, "did not stop within {}; sending SIGKILL to its process group",
                         humantime::format_duration(self.stop_timeout));
-                    kill_group(self.pid, libc::SIGKILL);
+                    self.signal(libc::SIGKILL);
                 }
             }
         };
         if let Some(p) = probe {
             p.abort();
         }
-        // The main process is gone; whatever it left in its group goes with it.
-        kill_group(self.pid, libc::SIGKILL);
+        // Whatever the main process left in its group was killed by the
+        // reaper while the zombie still held the group's number.
         if !ready {
             // A failed start is reported with its last output lines: let the
             // readers reach EOF first (bounded, in case an escaped descendant

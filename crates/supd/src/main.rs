@@ -127,13 +127,18 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
         },
         None => None,
     };
-    let sup = match Supervisor::start(config).await {
+    let interval = sc.monitor_interval;
+    let counters = Arc::new(sup_core::metrics::Metrics::new());
+    let sup = match Supervisor::start(config, counters.clone()).await {
         Ok(s) => s,
         Err(e) => {
             own.remove();
             return Err(e.to_string());
         }
     };
+    // The drivers on top of the core: sampling and scheduled restarts.
+    sup_core::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
+    sup_core::cron::start(Arc::downgrade(&sup));
     sup_core::fdstore::release_leftovers();
     sup_core::fdstore::started();
     if let Some(l) = metrics {
@@ -141,7 +146,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             "metrics on http://{}/metrics and /health",
             l.local_addr().map(|a| a.to_string()).unwrap_or_default()
         );
-        tokio::spawn(sup_core::metrics::serve(l, Arc::downgrade(&sup)));
+        tokio::spawn(sup_core::metrics::serve(l, counters, Arc::downgrade(&sup)));
     }
     let access =
         Access { owner: nix::unistd::geteuid().as_raw(), group: sc.control_socket_group.as_ref().map(|g| g.gid) };

@@ -13,7 +13,8 @@ use tokio::sync::mpsc;
 use super::*;
 use crate::logs::new_tail;
 use crate::reaper::ExitInfo;
-use crate::worker::{next_id, AppSpec, WorkerCtl, WorkerEvent, WorkerEventKind, WorkerHandle};
+use crate::spec::AppSpec;
+use crate::worker::{next_id, WorkerCtl, WorkerEvent, WorkerEventKind, WorkerHandle};
 
 const WAIT: Duration = Duration::from_secs(3600);
 

@@ -78,3 +78,58 @@ fn supd_tells_its_manager_ready_reloading_stopping_and_pings_the_watchdog() {
     let status = d.wait_exit();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Nothing blocks the event loop: with 500 workers starting at once, each
+/// probed for readiness, supd's own WATCHDOG=1 keeps its period.
+#[test]
+fn the_watchdog_keeps_its_period_while_500_workers_start() {
+    let _serial = load_lock();
+    let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("tempdir");
+    let notify = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(100))).expect("timeout");
+    let config = dir.path().join("supervisor.toml");
+    // Never ready: every worker stays `starting`, probed, for the whole test.
+    std::fs::write(
+        &config,
+        format!(
+            "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\nmax_workers = 600\n\n\
+             [apps.many]\ncommand = [\"sleep\", \"1000\"]\ninstances = 500\nready = {{ tcp = true }}\nport = {}\nready_timeout = \"60s\"\nstop_timeout = \"2s\"\n",
+            free_port()
+        ),
+    )
+    .expect("write");
+    let socket = dir.path().join("run/control.sock");
+    let period = Duration::from_millis(500);
+    let d = Daemon::start_env(
+        dir,
+        config,
+        socket,
+        &[("NOTIFY_SOCKET", notify.display().to_string()), ("WATCHDOG_USEC", (2 * period.as_micros()).to_string())],
+    );
+    let mut buf = [0u8; 4096];
+    let mut last: Option<Instant> = None;
+    let mut gaps = Vec::new();
+    let t0 = Instant::now();
+    let mut started = 0;
+    while t0.elapsed() < Duration::from_secs(15) {
+        if let Ok(n) = sock.recv(&mut buf) {
+            if String::from_utf8_lossy(&buf[..n]).contains("WATCHDOG=1") {
+                let now = Instant::now();
+                if let Some(l) = last {
+                    gaps.push(now - l);
+                }
+                last = Some(now);
+            }
+        }
+        if started < 500 && gaps.len() % 4 == 0 {
+            started = d.instances("many").iter().filter(|i| i.pid.is_some()).count();
+        }
+    }
+    let worst = gaps.iter().max().copied().unwrap_or(Duration::MAX);
+    eprintln!("WATCHDOG=1 pings: {}, worst gap {worst:?} (period {period:?}); workers spawned: {started}", gaps.len());
+    assert_eq!(started, 500, "every worker was spawned during the test");
+    assert!(gaps.len() >= 20, "too few pings: {gaps:?}");
+    // systemd kills supd after 2 periods without a ping.
+    assert!(worst < 2 * period, "a {worst:?} gap between pings: the event loop stalled");
+}

@@ -38,9 +38,6 @@ use crate::reaper::ExitInfo;
 use crate::spec::AppSpec;
 use crate::worker::{Failure, WorkerEvent, WorkerEventKind, WorkerHandle};
 
-#[cfg(test)]
-mod tests;
-
 /// What `status` shows of a slot; published on every transition.
 #[derive(Debug, Clone)]
 pub struct SlotView {
@@ -824,3 +821,6 @@ fn policy_word(p: RestartPolicy) -> &'static str {
         RestartPolicy::Never => "never",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -358,9 +358,11 @@ async fn signals_go_to_the_current_worker_only() {
 #[tokio::test(start_paused = true)]
 async fn stop_closes_the_sockets_and_restart_keeps_them() {
     let mut r = rig("");
-    let w = r.running().await;
+    let mut w = r.running().await;
     let before = r.env.closed.load(Ordering::SeqCst);
     let stop = r.slot.stop(0, true);
+    // Exiting before the stop reached the slot would be a crash, restarted.
+    w.expect(WorkerCtl::Stop).await;
     w.exit(ExitInfo::Code(0));
     stop.await;
     assert_eq!(r.env.closed.load(Ordering::SeqCst), before, "restart's stop closed the sockets");

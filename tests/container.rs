@@ -27,7 +27,7 @@ fn supd_as_pid_1_reaps_orphans_and_stops_on_sigterm() {
     let unshare_ok =
         Command::new("unshare").args(["--pid", "--fork", "--mount-proc", "true"]).status().is_ok_and(|s| s.success());
     if nix::unistd::geteuid().as_raw() != 0 || !unshare_ok {
-        eprintln!("skipped: needs root and unshare(1) to make a PID namespace");
+        skip("needs root and unshare(1) to make a PID namespace");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");

@@ -269,10 +269,7 @@ impl Hammer {
                     s.spawn(move || run_action(d, a, *seed))
                 })
                 .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e)))
-                .collect()
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
         });
         self.history.push(format!("#{n}: {}", done.join(" | ")));
         if std::env::var_os("SUP_HAMMER_VERBOSE").is_some() {

@@ -245,6 +245,42 @@ fn users_who_may_not_use_the_socket_are_refused_clearly() {
 }
 
 #[test]
+fn members_of_the_socket_group_through_a_supplementary_group_are_served() {
+    // `staff` (gid 50) owns the socket; nobody's own group is nogroup, so only
+    // its supplementary groups, read from /proc off the accept loop, let it in.
+    let d = daemon("control_socket_group = \"staff\"\ncontrol_socket_mode = \"0666\"");
+    for p in [d.dir.path(), &d.dir.path().join("run")] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let supctl = supctl_for_others(d.dir.path());
+    let as_nobody_in = |groups: &'static [libc::gid_t]| {
+        let mut cmd = Command::new(&supctl);
+        cmd.arg("--socket").arg(&d.socket).arg("status").stdin(Stdio::null());
+        // Here, not with Command::uid: std drops the supplementary groups when it switches users.
+        // SAFETY: setgroups, setgid and setuid are async-signal-safe, and `groups` outlives the call.
+        unsafe {
+            cmd.pre_exec(move || {
+                let ok = libc::setgroups(groups.len(), groups.as_ptr()) == 0
+                    && libc::setgid(65534) == 0
+                    && libc::setuid(65534) == 0;
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            })
+        };
+        cmd.output().expect("run supctl as nobody")
+    };
+    let out = as_nobody_in(&[50]);
+    assert!(out.status.success(), "a member is served: {}", String::from_utf8_lossy(&out.stderr));
+    let out = as_nobody_in(&[100]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("uid 65534 may not use this control socket"), "{err}");
+}
+
+#[test]
 fn scaling_past_max_workers_is_a_clear_error_that_changes_nothing() {
     let d = daemon("max_workers = 3");
     let before = d.instances("web");

@@ -23,7 +23,7 @@ fn supctl(args: &[&str]) -> Output {
 fn node_available() -> bool {
     let found = Command::new("node").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if !found {
-        eprintln!("skipped: `node` is not installed, and JavaScript ecosystem files need it");
+        sup::skip("`node` is not installed, and JavaScript ecosystem files need it");
     }
     found
 }

@@ -290,7 +290,7 @@ fn workers_get_the_environment_of_the_protocol_and_the_config() {
 #[test]
 fn peers_without_permission_get_403() {
     if nix::unistd::geteuid().as_raw() != 0 {
-        eprintln!("skipped: needs root to run supctl as another user");
+        skip("needs root to run supctl as another user");
         return;
     }
     let port = free_port();
@@ -325,7 +325,7 @@ fn peers_without_permission_get_403() {
 #[test]
 fn workers_run_as_the_configured_user() {
     if nix::unistd::geteuid().as_raw() != 0 {
-        eprintln!("skipped: needs root to switch users");
+        skip("needs root to switch users");
         return;
     }
     let port = free_port();
@@ -397,7 +397,7 @@ time.sleep(1000)\n";
 #[test]
 fn pm2_apps_say_ready_and_stop_over_the_node_ipc_channel() {
     if std::process::Command::new("node").arg("--version").output().is_err() {
-        eprintln!("skipped: node is not installed");
+        skip("node is not installed");
         return;
     }
     let app = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pm2-app.js");

@@ -187,7 +187,7 @@ fn logs_follow_shows_lines_written_after_it_started() {
 #[test]
 fn a_full_disk_keeps_workers_serving_and_logging_resumes() {
     if nix::unistd::geteuid().as_raw() != 0 {
-        eprintln!("skipped: mounting a small tmpfs needs root");
+        skip("mounting a small tmpfs needs root");
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -199,7 +199,7 @@ fn a_full_disk_keeps_workers_serving_and_logging_resumes() {
         .status()
         .is_ok_and(|s| s.success());
     if !mounted {
-        eprintln!("skipped: cannot mount a tmpfs here");
+        skip("cannot mount a tmpfs here");
         return;
     }
     struct Unmount(std::path::PathBuf);
@@ -234,4 +234,151 @@ fn a_full_disk_keeps_workers_serving_and_logging_resumes() {
     let (_, lost) = (0, d.status().apps[0].log_lines_lost);
     assert!(lost > 0);
     drop(d);
+}
+
+/// An app called `name` printing `line N pid=P` 50 times a second into one combined file.
+fn chatty(name: &str) -> String {
+    format!(
+        "[apps.\"{name}\"]\ncommand = [\"{}\", \"--log-rate\", \"50\"]\nlisten = [\"127.0.0.1:{}\"]\nready = \"notify\"\nlogs = {{ combined = true }}\n\n",
+        demo(),
+        free_port()
+    )
+}
+
+#[test]
+fn flushing_an_app_leaves_the_files_of_an_app_named_like_them_alone() {
+    // `web` writes web.log; `web.log` writes web.log.log, which a prefix match took for a rotated web.log.
+    let d = Daemon::start(&format!("{}{}", chatty("web"), chatty("web.log")));
+    d.wait_ready("web", 1);
+    d.wait_ready("web.log", 1);
+    let (ours, theirs) = (d.path("logs/web.log"), d.path("logs/web.log.log"));
+    // A rotated file of each, as rotation names them.
+    let (our_old, their_old) =
+        (d.path("logs/web.log.2026-11-23T120000.123Z"), d.path("logs/web.log.log.2026-11-23T120000.123Z.gz"));
+    std::fs::write(&our_old, "old web\n").expect("write");
+    std::fs::write(&their_old, "old web.log\n").expect("write");
+    let first_line =
+        |p: &Path| std::fs::read_to_string(p).ok()?.lines().find(|l| l.contains(" line ")).map(str::to_string);
+    let (our_first, their_first) =
+        wait_until("lines from both apps", DEADLINE, || Some((first_line(&ours)?, first_line(&theirs)?)));
+    let out = d.supctl(&["flush", "web"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&theirs).expect("web.log's live file is still there");
+    assert!(text.contains(&their_first), "web.log's lines survive a flush of web:\n{text}");
+    assert_eq!(std::fs::read_to_string(&their_old).expect("web.log's rotated file is still there"), "old web.log\n");
+    assert!(!our_old.exists(), "web's rotated file is removed");
+    assert!(!std::fs::read_to_string(&ours).unwrap_or_default().contains(&our_first), "web's file is emptied");
+    // And the other way round.
+    let out = d.supctl(&["flush", "web.log"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!their_old.exists(), "web.log's rotated file is removed");
+    wait_until("web to write again", DEADLINE, || first_line(&ours));
+    assert!(ours.exists() && theirs.exists());
+}
+
+/// Connects to supd's control socket and asks to follow `app`; returns the
+/// connection and the head of the answer (status line and headers).
+fn follow_raw(d: &Daemon, app: &str) -> (std::os::unix::net::UnixStream, String) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).expect("connect control socket");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    write!(s, "GET /v1/logs?app={app}&lines=0&follow=1 HTTP/1.1\r\nHost: supd\r\n\r\n").expect("send request");
+    // Byte by byte up to the blank line: the body stays unread in the socket.
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    (s, String::from_utf8_lossy(&head).into_owned())
+}
+
+/// A process's resident memory in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(u64::MAX)
+}
+
+/// Bytes `pid` has written so far, from /proc.
+fn written(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("wchar:")).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_follower_that_never_reads_leaves_supd_memory_bounded() {
+    let _load = load_lock();
+    let d = Daemon::start(&app(
+        ", \"--log-flood\", \"--log-flood-rate\", \"20M\"",
+        "logs = { rotate_size = \"16M\", keep = 1 }",
+    ));
+    let worker = d.wait_ready("web", 1)[0].pid.expect("worker pid");
+    let (follower, head) = follow_raw(&d, "web");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The flood runs for 25 s while the follower never reads a byte of its answer.
+    let (start, before) = (std::time::Instant::now(), written(worker));
+    let mut peak = 0;
+    while start.elapsed() < Duration::from_secs(25) {
+        peak = peak.max(rss_kib(d.pid()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let flooded = written(worker) - before;
+    eprintln!("supd peak RSS {peak} KiB while the worker wrote {} MiB in 25 s", flooded >> 20);
+    assert!(flooded > 100 << 20, "the flood ran: {flooded} bytes");
+    assert!(peak < 64 * 1024, "supd RSS {peak} KiB with a follower that never reads");
+    assert!(d.supctl(&["status"]).status.success(), "supd still answers");
+    // The follower was lagged, not cut: reading again, it learns how many lines it missed.
+    follower.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+    let mut window = Vec::new();
+    wait_until("a note of skipped lines", DEADLINE, || {
+        let mut buf = vec![0u8; 64 * 1024];
+        match std::io::Read::read(&mut &follower, &mut buf) {
+            Ok(0) => panic!("the answer ended"),
+            Ok(n) => window.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+        let found = String::from_utf8_lossy(&window).contains("lines skipped: this follower fell behind");
+        // A note may straddle two reads: keep a little of the last one.
+        let keep = window.len().saturating_sub(256);
+        window.drain(..keep);
+        found.then_some(())
+    });
+}
+
+#[test]
+fn followers_over_the_limit_are_answered_503() {
+    let d = Daemon::start(&app(", \"--log-rate\", \"20\"", ""));
+    d.wait_ready("web", 1);
+    let mut followers: Vec<_> = (0..32)
+        .map(|i| {
+            let (s, head) = follow_raw(&d, "web");
+            assert!(head.starts_with("HTTP/1.1 200"), "follower {i}: {head}");
+            s
+        })
+        .collect();
+    let out = raw_control(&d.socket, b"GET /v1/logs?app=web&follow=1 HTTP/1.1\r\nHost: supd\r\n\r\n");
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(out.contains(r#""code":"too_many_followers""#), "{out}");
+    assert!(out.contains("too many log followers (32 open)"), "{out}");
+    let out = d.supctl(&["logs", "web", "-f"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("too many log followers (32 open)") && err.contains("stop one"), "{err}");
+    // Followers take no place from other requests.
+    let out = d.supctl(&["logs", "web", "-n", "3"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A follower that hangs up gives its place back.
+    drop(followers.pop());
+    wait_until("a place for a new follower", DEADLINE, || {
+        let (s, head) = follow_raw(&d, "web");
+        head.starts_with("HTTP/1.1 200").then_some(s)
+    });
 }

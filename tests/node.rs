@@ -9,7 +9,7 @@ fn node() -> Option<&'static str> {
     match std::process::Command::new("node").arg("--version").output() {
         Ok(o) if o.status.success() => Some("node"),
         _ => {
-            eprintln!("SKIPPED: `node` is not installed on this machine");
+            skip("`node` is not installed on this machine");
             None
         }
     }
@@ -167,7 +167,7 @@ fn ready_listening_waits_for_the_cluster_workers_listen_and_keeps_the_configured
     // Node's listen() set the backlog to 511; supd put the configured one back on every slot socket.
     let out = std::process::Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output();
     let Ok(out) = out else {
-        eprintln!("SKIPPED the backlog check: `ss` is not installed");
+        skip("the backlog check: `ss` is not installed");
         return;
     };
     let text = String::from_utf8_lossy(&out.stdout);

@@ -189,14 +189,14 @@ fn supd_is_a_native_notify_reload_service_under_real_systemd() {
     let image = match debian_root() {
         Ok(r) => r,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            skip(&why);
             return;
         }
     };
     let ct = match Container::boot(&image) {
         Ok(c) => c,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            skip(&why);
             return;
         }
     };

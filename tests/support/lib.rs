@@ -259,6 +259,16 @@ pub fn raw_control(socket: &Path, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Says that a test, or a part of it, is skipped because `why`; with
+/// `SUP_TEST_STRICT=1` (as in CI) a skip fails instead, with the same reason,
+/// so a missing prerequisite cannot pass for a green run.
+pub fn skip(why: &str) {
+    if std::env::var_os("SUP_TEST_STRICT").is_some_and(|v| v == "1") {
+        panic!("SKIPPED: {why} (SUP_TEST_STRICT=1 makes a skip a failure)");
+    }
+    eprintln!("SKIPPED: {why}");
+}
+
 /// Describes an exit status for assertions.
 pub fn describe(s: ExitStatus) -> String {
     match (s.code(), s.signal()) {
@@ -481,4 +491,40 @@ fn read_response(r: &mut BufReader<TcpStream>) -> Result<(u16, String, bool), (u
     let mut body = vec![0u8; length];
     r.read_exact(&mut body).map_err(|e| (got, e.to_string()))?;
     Ok((status, String::from_utf8_lossy(&body).into_owned(), keep))
+}
+
+/// The live (not zombie) child processes of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for t in tasks.flatten() {
+        if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
+            out.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()).filter(|p| alive(*p)));
+        }
+    }
+    out
+}
+
+impl Daemon {
+    /// Starts supctl against this daemon in the background, its output piped.
+    pub fn supctl_bg(&self, args: &[&str]) -> Child {
+        Command::new(bin("supctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run supctl")
+    }
+
+    /// Every live child of supd is a worker `status` lists; panics naming the ghosts.
+    pub fn assert_no_ghosts(&self) {
+        wait_until("every child of supd to be listed in status", DEADLINE, || {
+            let listed: Vec<u32> =
+                self.status().apps.iter().flat_map(|a| a.instances.iter().filter_map(|i| i.pid)).collect();
+            let ghosts: Vec<u32> = children(self.pid()).into_iter().filter(|p| !listed.contains(p)).collect();
+            ghosts.is_empty().then_some(())
+        });
+    }
 }

@@ -148,7 +148,6 @@ impl RawApp {
                 r.into_inner()
             }
         };
-
         let memory_limit = match self.memory_limit {
             None => None,
             Some(m) if m.get_ref().0 == 0 => {
@@ -189,6 +188,17 @@ impl RawApp {
                 r.into_inner()
             }
         };
+        if let (true, Some(port)) = (matches!(ready, ReadyCheck::Http { .. } | ReadyCheck::Tcp), &self.port) {
+            let shared = self.listen.iter().any(|l| matches!(l, ListenAddr::Tcp(a) if a.port() == *port.get_ref()));
+            if shared {
+                // supd's own socket accepts the probe, and any slot's worker (or the old one) may answer it.
+                let msg = format!(
+                    "port `{}` is also a `listen` port, so any worker could answer the readiness probe: use ready = \"notify\", or set `port` to a separate health port",
+                    port.get_ref()
+                );
+                return Err(src.error(port.span(), key("port"), msg));
+            }
+        }
 
         if matches!(ready, ReadyCheck::Listening) && !self.node_cluster.as_ref().is_some_and(|n| *n.get_ref()) {
             let span = ready_span.clone().unwrap_or(0..0);
@@ -220,7 +230,7 @@ impl RawApp {
             instances: self.instances.unwrap_or(Instances::Count(1)).resolve(),
             listen: self.listen.into_iter().map(|l| l.resolve(base)).collect(),
             listen_backlog: self.listen_backlog.unwrap_or(1024),
-            port: self.port,
+            port: self.port.map(|p| p.into_inner()),
             ready,
             ready_timeout: self.ready_timeout.map_or(Duration::from_secs(30), |d| d.0),
             stop_signal: self.stop_signal.map_or(Signal::SIGTERM, |s| s.0),
@@ -240,7 +250,7 @@ impl RawApp {
             shutdown_with_message: self.shutdown_with_message.unwrap_or(false),
             node_cluster,
             cron_restart,
-            logs: self.logs.map(|l| l.into_config()).unwrap_or_default(),
+            logs: self.logs.map(|l| l.into_inner().into_config()).unwrap_or_default(),
             name,
         })
     }
@@ -303,6 +313,10 @@ mod tests {
         assert_eq!(app.watchdog, Some(Duration::from_secs(20)));
         assert_eq!(app.listen_backlog, 64);
         assert_eq!(parse_app("cwd = \"/srv\"").cwd, PathBuf::from("/srv"));
+        // A probe on a port of its own, or `port` shared with `listen` without a probe, is fine.
+        let app = parse_app("listen = [\"127.0.0.1:3000\"]\nport = 3001\nready = { http = \"/health\" }");
+        assert_eq!((app.port, app.ready), (Some(3001), ReadyCheck::Http { path: "/health".to_string() }));
+        assert_eq!(parse_app("listen = [\"127.0.0.1:3000\"]\nport = 3000\nready = \"notify\"").port, Some(3000));
         let app = parse_app("listen = [\"127.0.0.1:3000\"]\nnode_cluster = true\ncron_restart = \"30 4 * * 1-5\"");
         assert!(app.node_cluster);
         assert_eq!(app.cron_restart.map(|c| c.pattern().to_string()), Some("30 4 * * 1-5".to_string()));
@@ -341,6 +355,14 @@ mod tests {
             (
                 "ready = { tcp = true }",
                 "/x/sup.toml:3:9: key `apps.web.ready`: a readiness probe connects to 127.0.0.1:`port`, the worker's own port: set `port`, or use ready = \"notify\" with `listen`",
+            ),
+            (
+                "listen = [\"0.0.0.0:3000\"]\nport = 3000\nready = { tcp = true }",
+                "/x/sup.toml:4:8: key `apps.web.port`: port `3000` is also a `listen` port, so any worker could answer the readiness probe: use ready = \"notify\", or set `port` to a separate health port",
+            ),
+            (
+                "listen = [\"unix:web.sock\", \"[::]:8080\"]\nport = 8080\nready = { http = \"/health\" }",
+                "/x/sup.toml:4:8: key `apps.web.port`: port `8080` is also a `listen` port, so any worker could answer the readiness probe: use ready = \"notify\", or set `port` to a separate health port",
             ),
         ];
         for (line, want) in cases {

@@ -6,13 +6,23 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-/// Parses a humantime duration such as `"5s"`, `"100ms"` or `"1m 30s"`.
+/// The longest duration accepted anywhere: 365 days.
+///
+/// Far beyond any sane timeout or interval, and small enough that adding it to
+/// any `Instant` or `SystemTime` cannot overflow (which would panic in supd).
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
+/// Parses a humantime duration such as `"5s"`, `"100ms"` or `"1m 30s"`, of at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let trimmed = s.trim();
     if trimmed.is_empty() {
         return Err("expected a duration such as \"5s\", found an empty string".to_string());
     }
-    humantime::parse_duration(trimmed).map_err(|e| format!("invalid duration `{s}`: {e}"))
+    let d = humantime::parse_duration(trimmed).map_err(|e| format!("invalid duration `{s}`: {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!("duration `{trimmed}` is too long: at most 365d"));
+    }
+    Ok(d)
 }
 
 /// Renders a duration the way a user would write it (`"1m 30s"`).
@@ -64,7 +74,7 @@ impl Visitor<'_> for DurationVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testutil::{app_err, parse_app};
+    use crate::testutil::{app_err, err, parse_app};
 
     #[test]
     fn parses() {
@@ -82,6 +92,11 @@ mod tests {
                 "5",
                 Err("invalid duration `5`: time unit needed, for example 5sec or 5ms"),
             ),
+            ("365d", Ok(MAX_DURATION)),
+            ("52w 1d", Ok(MAX_DURATION)),
+            ("365d 1ns", Err("duration `365d 1ns` is too long: at most 365d")),
+            ("1y", Err("duration `1y` is too long: at most 365d")),
+            (" 100000000h ", Err("duration `100000000h` is too long: at most 365d")),
             ("5 parsecs", Err("invalid duration `5 parsecs`: unknown time unit \"parsecs\", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)")),
         ];
         for (input, want) in cases {
@@ -92,6 +107,11 @@ mod tests {
     #[test]
     fn toml_values() {
         assert_eq!(parse_app("stop_timeout = \"3s\"").stop_timeout, Duration::from_secs(3));
+        assert_eq!(parse_app("stop_timeout = \"365d\"").stop_timeout, MAX_DURATION);
+        assert_eq!(
+            err("[supervisor]\nmonitor_interval = \"366d\"\n"),
+            "/x/sup.toml:2:20: key `supervisor.monitor_interval`: duration `366d` is too long: at most 365d"
+        );
         let cases: &[(&str, &str)] = &[
             (
                 "stop_timeout = 5",
@@ -104,6 +124,34 @@ mod tests {
             (
                 "restart_window = true",
                 "/x/sup.toml:3:18: key `apps.web.restart_window`: invalid type: boolean `true`, expected a duration string such as \"5s\"",
+            ),
+            (
+                "stop_timeout = \"400d\"",
+                "/x/sup.toml:3:16: key `apps.web.stop_timeout`: duration `400d` is too long: at most 365d",
+            ),
+            (
+                "ready_timeout = \"18446744073709551615s\"",
+                "/x/sup.toml:3:17: key `apps.web.ready_timeout`: duration `18446744073709551615s` is too long: at most 365d",
+            ),
+            (
+                "restart_window = \"2y\"",
+                "/x/sup.toml:3:18: key `apps.web.restart_window`: duration `2y` is too long: at most 365d",
+            ),
+            (
+                "watchdog = \"9999w\"",
+                "/x/sup.toml:3:12: key `apps.web.watchdog`: duration `9999w` is too long: at most 365d",
+            ),
+            (
+                "backoff = { max = \"1000d\" }",
+                "/x/sup.toml:3:19: key `apps.web.backoff.max`: duration `1000d` is too long: at most 365d",
+            ),
+            (
+                "backoff = { reset_after = \"1000d\" }",
+                "/x/sup.toml:3:27: key `apps.web.backoff.reset_after`: duration `1000d` is too long: at most 365d",
+            ),
+            (
+                "logs = { rotate_every = \"1000d\" }",
+                "/x/sup.toml:3:25: key `apps.web.logs.rotate_every`: duration `1000d` is too long: at most 365d; or use \"hourly\", \"daily\", \"weekly\"",
             ),
             (
                 "watchdog = \"soon\"",

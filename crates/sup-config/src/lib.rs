@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 pub use app::AppConfig;
 pub use backoff::Backoff;
 pub use cron::CronSchedule;
-pub use duration::parse_duration;
+pub use duration::{parse_duration, MAX_DURATION};
 pub use error::{ConfigError, Invalid};
 pub use identity::{Group, User};
 pub use instances::available_cpus;
@@ -86,8 +86,10 @@ pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
     let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| src.toml_error(e))?;
 
     let max_workers_span = raw.supervisor.max_workers.as_ref().map_or(0..0, |m| m.span());
+    let log_spans: Vec<_> = raw.apps.values().map(|a| a.logs.as_ref().map(|l| l.span())).collect();
     let supervisor = raw.supervisor.build(&src, &base)?;
     let apps = raw.apps.into_iter().map(|(name, app)| app.build(name.0, &src, &base)).collect::<Result<Vec<_>, _>>()?;
+    check_log_files(&apps, &log_spans, &src)?;
     let total: u64 = apps.iter().map(|a| u64::from(a.instances)).sum();
     if total > u64::from(supervisor.max_workers) {
         let each: Vec<String> = apps.iter().map(|a| format!("{}: {}", a.name, a.instances)).collect();
@@ -102,6 +104,35 @@ pub fn parse(source: &str, path: &Path) -> Result<Config, ConfigError> {
         ));
     }
     Ok(Config { path, supervisor, apps })
+}
+
+/// Refuses two apps whose log files would have the same name, such as `web`'s
+/// `web.out.log` and the combined `web.out.log` of an app `web.out`: each would
+/// rotate, flush and prune the other's file. `spans` are the apps' `logs` values.
+fn check_log_files(
+    apps: &[AppConfig],
+    spans: &[Option<std::ops::Range<usize>>],
+    src: &Source<'_>,
+) -> Result<(), ConfigError> {
+    let mut owners: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for (i, app) in apps.iter().enumerate() {
+        for file in app.logs.file_names(&app.name) {
+            let Some(first) = owners.insert(file.clone(), i) else { continue };
+            // Names meet only through `combined = true`: blame the app that wrote a `logs` value.
+            let span_of = |j: usize| spans.get(j).cloned().flatten();
+            let (blamed, span) = match (span_of(i), span_of(first)) {
+                (Some(s), _) => (i, s),
+                (None, Some(s)) => (first, s),
+                (None, None) => (i, 0..0),
+            };
+            let message = format!(
+                "log file `{file}` would be written by both `{}` and `{}`: rename one of the apps, or set `combined` the same for both",
+                apps[first].name, app.name
+            );
+            return Err(src.error(span, error::key_path(&["apps", &apps[blamed].name, "logs"]), message));
+        }
+    }
+    Ok(())
 }
 
 /// One-line summary for `supctl check`: `ok: 2 apps (web: 4 instances, worker: 1 instance)`.
@@ -239,6 +270,26 @@ instancs = 4
         for (src, want) in cases {
             assert_eq!(err(src), *want, "{src}");
         }
+    }
+
+    #[test]
+    fn log_files_of_two_apps_never_meet() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[apps.web]\ncommand = \"x\"\n[apps.\"web.out\"]\ncommand = \"y\"\nlogs = { combined = true }\n",
+                "/x/sup.toml:5:8: key `apps.\"web.out\".logs`: log file `web.out.log` would be written by both `web` and `web.out`: rename one of the apps, or set `combined` the same for both",
+            ),
+            (
+                "[apps.\"web.err\"]\ncommand = \"y\"\nlogs = { combined = true }\n[apps.web]\ncommand = \"x\"\n",
+                "/x/sup.toml:3:8: key `apps.\"web.err\".logs`: log file `web.err.log` would be written by both `web.err` and `web`: rename one of the apps, or set `combined` the same for both",
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(err(src), *want, "{src}");
+        }
+        // Dots alone do not make names meet.
+        let ok = "[apps.web]\ncommand = \"x\"\nlogs = { combined = true }\n[apps.\"web.log\"]\ncommand = \"y\"\nlogs = { combined = true }\n[apps.\"web.out\"]\ncommand = \"z\"\nlogs = { combined = true }\n";
+        assert_eq!(parse_ok(ok).apps.len(), 3);
     }
 
     #[test]

@@ -57,6 +57,17 @@ pub struct LogConfig {
     pub buffer: u64,
 }
 
+impl LogConfig {
+    /// The names of `app`'s current files in the log folder: `APP.log`, or `APP.out.log` and `APP.err.log`.
+    pub fn file_names(&self, app: &str) -> Vec<String> {
+        if self.combined {
+            vec![format!("{app}.log")]
+        } else {
+            vec![format!("{app}.out.log"), format!("{app}.err.log")]
+        }
+    }
+}
+
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {

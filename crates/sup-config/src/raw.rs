@@ -64,7 +64,7 @@ pub(crate) struct RawApp {
     #[serde(default)]
     pub listen: Vec<ListenAddr>,
     pub listen_backlog: Option<u32>,
-    pub port: Option<u16>,
+    pub port: Option<Spanned<u16>>,
     pub ready: Option<Spanned<ReadyCheck>>,
     pub ready_timeout: Option<DurationValue>,
     pub stop_signal: Option<SignalValue>,
@@ -85,5 +85,5 @@ pub(crate) struct RawApp {
     pub shutdown_with_message: Option<bool>,
     pub node_cluster: Option<Spanned<bool>>,
     pub cron_restart: Option<Spanned<String>>,
-    pub logs: Option<crate::logs::RawLogs>,
+    pub logs: Option<Spanned<crate::logs::RawLogs>>,
 }

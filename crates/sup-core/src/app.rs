@@ -493,11 +493,9 @@ impl App {
         match outcome {
             Outcome::Done => self.result_ok(&format!("{verb} {total}/{total} instances")),
             Outcome::Cancelled => self.fail(format!("{op} of `{}` cancelled by stop", self.name)),
-            Outcome::Failed(failures) => self.fail(format!(
-                "{} of {total} instances failed:\n{}",
-                failures.len(),
-                failures.join("\n")
-            )),
+            Outcome::Failed(failures) => {
+                self.fail(format!("{} of {total} instances failed:\n{}", failures.len(), failures.join("\n")))
+            }
         }
     }
 
@@ -595,23 +593,13 @@ impl App {
         self.result_ok(&format!("sent to {n} worker(s)"))
     }
 
-    /// Empties the app's current log files and removes the rotated ones.
-    pub fn flush_logs(&self) -> Result<usize, String> {
+    /// Empties the app's current log files and removes the rotated ones, off the event loop.
+    pub async fn flush_logs(&self) -> Result<usize, String> {
         let (dir, logs) = self.ctx.logs.files();
-        let mut n = 0;
-        for (_, name) in crate::logs::file_names(&self.name, &logs) {
-            let path = dir.join(name);
-            // The writer appends (O_APPEND), so it simply continues at the new end.
-            if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path) {
-                f.set_len(0).map_err(|e| format!("cannot empty {}: {e}", path.display()))?;
-                n += 1;
-            }
-            for old in crate::logs::rotated_files(&path) {
-                std::fs::remove_file(&old).map_err(|e| format!("cannot remove {}: {e}", old.display()))?;
-                n += 1;
-            }
-        }
-        Ok(n)
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || crate::logs::flush(&dir, &name, &logs))
+            .await
+            .unwrap_or_else(|e| Err(format!("internal error while flushing: {e}")))
     }
 
     /// The app's log files and live lines.

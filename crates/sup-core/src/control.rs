@@ -6,10 +6,12 @@
 //! and `/config/apply`, answered with a stream of newline-delimited
 //! [`RolloutEvent`]s ending with `done`. Errors are
 //! `{"error":{"code":…,"message":…}}`. Requests are bounded in size, header
-//! time and number of connections; peers are checked by their credentials.
+//! time and number of connections, `logs` followers in number and in what
+//! waits for them; peers are checked by their credentials.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -39,6 +41,10 @@ const MAX_BUSY_REFUSALS: usize = 64;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time a connection may sit without a complete request header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// `logs -f` followers at once: each holds a connection and a bounded queue.
+const MAX_FOLLOWERS: usize = 32;
+/// Peers being checked for a supplementary group at once; more are closed at once.
+const MAX_GROUP_CHECKS: usize = 64;
 
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -103,18 +109,38 @@ pub struct Access {
     pub group: Option<u32>,
 }
 
+/// What a peer's credentials tell without reading /proc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Root, supd's own user, or the socket's group as its primary group.
+    Allowed,
+    /// No way in.
+    Refused,
+    /// Allowed if process `pid` has `group` among its supplementary groups.
+    AskGroups {
+        /// The peer's process.
+        pid: i32,
+        /// The socket's group.
+        group: u32,
+    },
+}
+
 impl Access {
-    fn allows(&self, uid: u32, gid: u32, pid: Option<i32>) -> bool {
+    fn verdict(&self, uid: u32, gid: u32, pid: Option<i32>) -> Verdict {
         if uid == 0 || uid == self.owner {
-            return true;
+            return Verdict::Allowed;
         }
-        let Some(group) = self.group else { return false };
+        let Some(group) = self.group else { return Verdict::Refused };
+        if gid == group {
+            return Verdict::Allowed;
+        }
         // SO_PEERCRED carries only the primary group; members through a
         // supplementary group are found in the peer's /proc status.
-        gid == group || pid.is_some_and(|p| supplementary_groups(p).contains(&group))
+        pid.map_or(Verdict::Refused, |pid| Verdict::AskGroups { pid, group })
     }
 }
 
+/// The supplementary groups of process `pid` (blocking: reads /proc).
 fn supplementary_groups(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -126,15 +152,56 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// The places connections take: allowed peers, strangers, and busy refusals.
+#[derive(Clone)]
+struct Pools {
+    limit: Arc<Semaphore>,
+    strangers: Arc<Semaphore>,
+    refusals: Arc<Semaphore>,
+    max_connections: usize,
+    followers: Followers,
+}
+
+impl Pools {
+    /// Serves `stream` in a task of its own if its pool has room; never waits.
+    fn admit(&self, sup: Arc<Supervisor>, stream: tokio::net::UnixStream, allowed: bool, uid: Option<u32>) {
+        let pool = if allowed { &self.limit } else { &self.strangers };
+        let Ok(permit) = pool.clone().try_acquire_owned() else {
+            // Each refusal holds its connection for a moment; beyond a few, close at once.
+            if let (true, Ok(refusing)) = (allowed, self.refusals.clone().try_acquire_owned()) {
+                let max = self.max_connections;
+                tokio::spawn(async move {
+                    refuse_busy(stream, max).await;
+                    drop(refusing);
+                });
+            }
+            return;
+        };
+        let peer = Peer { allowed, uid, fd: Some(stream.as_raw_fd()) };
+        let followers = self.followers.clone();
+        tokio::spawn(async move {
+            serve_connection(sup, stream, peer, followers).await;
+            drop(permit);
+        });
+    }
+}
+
 /// Serves the control API until the listener fails; at most `max_connections` at once.
 ///
 /// The accept loop never waits: a connection over the limit gets a 503 at
 /// once, and peers that may not use the socket share a small pool of their
-/// own, so neither can keep an allowed `supctl` waiting.
+/// own, so neither can keep an allowed `supctl` waiting. Nor does it read
+/// /proc: a peer that may be a member of the socket's group only through a
+/// supplementary group is checked in a task of its own, off the event loop.
 pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access, max_connections: usize) {
-    let limit = Arc::new(Semaphore::new(max_connections.max(1)));
-    let strangers = Arc::new(Semaphore::new(MAX_REFUSED_CONNECTIONS));
-    let refusals = Arc::new(Semaphore::new(MAX_BUSY_REFUSALS));
+    let pools = Pools {
+        limit: Arc::new(Semaphore::new(max_connections.max(1))),
+        strangers: Arc::new(Semaphore::new(MAX_REFUSED_CONNECTIONS)),
+        refusals: Arc::new(Semaphore::new(MAX_BUSY_REFUSALS)),
+        max_connections,
+        followers: Followers::new(MAX_FOLLOWERS),
+    };
+    let checks = Arc::new(Semaphore::new(MAX_GROUP_CHECKS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -146,24 +213,23 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access,
             }
         };
         let peer = stream.peer_cred().ok();
-        let allowed = peer.is_some_and(|c| access.allows(c.uid(), c.gid(), c.pid()));
         let peer_uid = peer.map(|c| c.uid());
-        let pool = if allowed { &limit } else { &strangers };
-        let Ok(permit) = pool.clone().try_acquire_owned() else {
-            // Each refusal holds its connection for a moment; beyond a few, close at once.
-            if let (true, Ok(refusing)) = (allowed, refusals.clone().try_acquire_owned()) {
+        match peer.map_or(Verdict::Refused, |c| access.verdict(c.uid(), c.gid(), c.pid())) {
+            Verdict::Allowed => pools.admit(sup.clone(), stream, true, peer_uid),
+            Verdict::Refused => pools.admit(sup.clone(), stream, false, peer_uid),
+            Verdict::AskGroups { pid, group } => {
+                // Checks are quick but may block on /proc; beyond a few at once, close.
+                let Ok(checking) = checks.clone().try_acquire_owned() else { continue };
+                let (sup, pools) = (sup.clone(), pools.clone());
                 tokio::spawn(async move {
-                    refuse_busy(stream, max_connections).await;
-                    drop(refusing);
+                    let member = tokio::task::spawn_blocking(move || supplementary_groups(pid).contains(&group))
+                        .await
+                        .unwrap_or(false);
+                    drop(checking);
+                    pools.admit(sup, stream, member, peer_uid);
                 });
             }
-            continue;
-        };
-        let sup = sup.clone();
-        tokio::spawn(async move {
-            serve_connection(sup, stream, allowed, peer_uid).await;
-            drop(permit);
-        });
+        }
     }
 }
 
@@ -202,14 +268,38 @@ async fn refuse_busy(mut stream: tokio::net::UnixStream, max: usize) {
     .await;
 }
 
+/// The places for `logs -f` followers, shared by every connection of one control server.
+#[derive(Clone)]
+pub struct Followers(Arc<Semaphore>);
+
+impl Followers {
+    /// Room for `max` followers at once.
+    pub fn new(max: usize) -> Followers {
+        Followers(Arc::new(Semaphore::new(max)))
+    }
+}
+
+/// The client at the other end of a control connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    /// Whether it may use the API; if not, every request is answered 403.
+    pub allowed: bool,
+    /// Its uid, for the 403 message.
+    pub uid: Option<u32>,
+    /// The connection's socket, if it is one: a follower watches it to notice its client hanging up.
+    pub fd: Option<RawFd>,
+}
+
 /// Serves one control connection: HTTP/1.1 requests until the peer closes it or a limit ends it.
-pub async fn serve_connection<IO>(sup: Arc<Supervisor>, io: IO, allowed: bool, peer_uid: Option<u32>)
+///
+/// `peer.fd`, if given, must be `io`'s own descriptor: it is duplicated while a request is served.
+pub async fn serve_connection<IO>(sup: Arc<Supervisor>, io: IO, peer: Peer, followers: Followers)
 where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |req| {
-        let sup = sup.clone();
-        async move { Ok::<_, Infallible>(route(sup, allowed, peer_uid, req).await) }
+        let (sup, followers) = (sup.clone(), followers.clone());
+        async move { Ok::<_, Infallible>(route(sup, peer, &followers, req).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -242,12 +332,13 @@ fn api_error(e: ApiError) -> Resp {
         ApiError::UnknownApp(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
         ApiError::BadRequest(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
         ApiError::InvalidConfig(_) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e.to_string()),
+        ApiError::ShuttingDown => error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()),
     }
 }
 
-async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: Request<Incoming>) -> Resp {
-    if !allowed {
-        let who = peer_uid.map_or("an unknown peer".to_string(), |u| format!("uid {u}"));
+async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Request<Incoming>) -> Resp {
+    if !peer.allowed {
+        let who = peer.uid.map_or("an unknown peer".to_string(), |u| format!("uid {u}"));
         return error(StatusCode::FORBIDDEN, "forbidden", format!("{who} may not use this control socket"));
     }
     let path = req.uri().path().to_string();
@@ -273,7 +364,7 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
         if req.method() != Method::GET {
             return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/logs");
         }
-        return logs(&sup, req.uri().query().unwrap_or("")).await;
+        return logs(&sup, peer, followers, req.uri().query().unwrap_or("")).await;
     }
     if rest == "/signal" {
         if req.method() != Method::POST {
@@ -289,7 +380,7 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
             Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
         };
         return match sup.app(&app) {
-            Ok(a) => json(StatusCode::OK, &ActionResponse { results: vec![a.signal(sig)] }),
+            Ok(a) => json(StatusCode::OK, &ActionResponse { results: vec![a.signal(sig).await] }),
             Err(e) => api_error(e),
         };
     }
@@ -312,7 +403,7 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
         return match app.map(|a| sup.app(a)) {
             None => error(StatusCode::BAD_REQUEST, "bad_request", "give `app`"),
             Some(Err(e)) => api_error(e),
-            Some(Ok(app)) => match app.flush_logs() {
+            Some(Ok(app)) => match app.flush_logs().await {
                 Ok(n) => json(
                     StatusCode::OK,
                     &ActionResponse { results: vec![app.result_ok(&format!("flushed {n} log file(s)"))] },
@@ -378,7 +469,7 @@ async fn route(sup: Arc<Supervisor>, allowed: bool, peer_uid: Option<u32>, req: 
 }
 
 /// `GET /v1/logs?app=A&lines=N&follow=1&stream=out|err&instance=K&since=SECONDS`.
-async fn logs(sup: &Supervisor, query: &str) -> Resp {
+async fn logs(sup: &Supervisor, peer: Peer, followers: &Followers, query: &str) -> Resp {
     let mut app = None;
     let (mut lines, mut follow, mut stream, mut instance, mut since) = (20usize, false, None, None, None);
     for kv in query.split('&').filter(|kv| !kv.is_empty()) {
@@ -410,6 +501,15 @@ async fn logs(sup: &Supervisor, query: &str) -> Resp {
         Err(e) => return api_error(e),
     };
     let filter = crate::logread::Filter::new(stream, instance, since);
+    // Taken before the files are read, and held by the follower task until its client is gone.
+    let place = match follow.then(|| followers.0.clone().try_acquire_owned()) {
+        None => None,
+        Some(Ok(place)) => Some(place),
+        Some(Err(_)) => {
+            let message = format!("too many log followers ({MAX_FOLLOWERS} open); stop one or try again later");
+            return error(StatusCode::SERVICE_UNAVAILABLE, "too_many_followers", message);
+        }
+    };
     // Subscribed before reading the files, so no line falls between the two.
     let live = follow.then(|| app.logs().follow());
     // Reading the files may take megabytes of I/O: off the event loop.
@@ -421,11 +521,30 @@ async fn logs(sup: &Supervisor, query: &str) -> Resp {
         body.extend_from_slice(&serde_json::to_vec(&l).unwrap_or_default());
         body.push(b'\n');
     }
-    let Some(rx) = live else { return ndjson_response(Full::new(Bytes::from(body)).boxed()) };
-    let (tx, body_rx) = mpsc::unbounded_channel();
-    let _ = tx.send(Bytes::from(body));
-    tokio::spawn(crate::logread::follow(rx, filter, name, tx));
-    ndjson_response(BoxBody::new(ChannelBody(body_rx)))
+    let (Some(rx), Some(place)) = (live, place) else {
+        return ndjson_response(Full::new(Bytes::from(body)).boxed());
+    };
+    let (tx, body_rx) = crate::logread::follow_queue();
+    tx.send_first(Bytes::from(body));
+    // SAFETY: `peer.fd` belongs to the connection serving this request, which is open while it runs.
+    let socket = peer.fd.and_then(|fd| unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok());
+    tokio::spawn(async move {
+        crate::logread::follow(rx, filter, name, tx, socket).await;
+        drop(place);
+    });
+    ndjson_response(BoxBody::new(FollowBody(body_rx)))
+}
+
+/// A follower's answer: its queue, one NDJSON line per message.
+struct FollowBody(crate::logread::FollowReceiver);
+
+impl hyper::body::Body for FollowBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, String> {
@@ -536,5 +655,40 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Resp> {
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Ok(Err(e)) => Err(error(StatusCode::BAD_REQUEST, "bad_request", format!("cannot read request body: {e}"))),
         Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_possible_supplementary_member_needs_proc() {
+        let open = Access { owner: 1000, group: None };
+        let grouped = Access { owner: 1000, group: Some(50) };
+        // (access, (uid, gid, pid), verdict)
+        type Case = (Access, (u32, u32, Option<i32>), Verdict);
+        let cases: &[Case] = &[
+            (open, (0, 0, Some(7)), Verdict::Allowed),
+            (open, (1000, 1000, Some(7)), Verdict::Allowed),
+            (open, (1001, 50, Some(7)), Verdict::Refused),
+            (grouped, (1001, 50, Some(7)), Verdict::Allowed),
+            (grouped, (1001, 1001, Some(7)), Verdict::AskGroups { pid: 7, group: 50 }),
+            (grouped, (1001, 1001, None), Verdict::Refused),
+        ];
+        for (access, (uid, gid, pid), want) in cases {
+            assert_eq!(access.verdict(*uid, *gid, *pid), *want, "{access:?} uid {uid} gid {gid}");
+        }
+    }
+
+    #[test]
+    fn supplementary_groups_are_read_from_proc() {
+        let ours = nix::unistd::getgroups().expect("groups");
+        let mut want: Vec<u32> = ours.iter().map(|g| g.as_raw()).collect();
+        let mut got = supplementary_groups(std::process::id() as i32);
+        want.sort_unstable();
+        got.sort_unstable();
+        assert_eq!(got, want);
+        assert!(supplementary_groups(-1).is_empty());
     }
 }

@@ -94,8 +94,7 @@ mod layers {
     fn uses(src: &str) -> Vec<String> {
         let code = src.split("#[cfg(test)]\n").next().unwrap_or(src);
         // Doc links name modules without using them.
-        let code: String =
-            code.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+        let code: String = code.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
         let mut out: Vec<String> = code
             .split("crate::")
             .skip(1)

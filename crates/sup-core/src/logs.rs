@@ -71,13 +71,35 @@ pub struct AppLogs {
     dir: PathBuf,
 }
 
-/// The file names of an app's logs in the log folder.
+/// The file names of an app's logs in the log folder, with the stream each holds (None: both).
 pub fn file_names(app: &str, cfg: &LogConfig) -> Vec<(Option<Stream>, String)> {
-    if cfg.combined {
-        vec![(None, format!("{app}.log"))]
-    } else {
-        vec![(Some(Stream::Out), format!("{app}.out.log")), (Some(Stream::Err), format!("{app}.err.log"))]
+    // The names come from sup-config, which refuses two apps whose names meet.
+    let streams: &[Option<Stream>] = if cfg.combined { &[None] } else { &[Some(Stream::Out), Some(Stream::Err)] };
+    streams.iter().copied().zip(cfg.file_names(app)).collect()
+}
+
+/// Empties the current log files of `app` and removes its rotated ones; returns how many files it touched.
+///
+/// Blocking file I/O: run it off the event loop.
+pub fn flush(dir: &Path, app: &str, cfg: &LogConfig) -> Result<usize, String> {
+    let mut n = 0;
+    for (_, name) in file_names(app, cfg) {
+        let path = dir.join(name);
+        // The writer appends (O_APPEND), so it simply continues at the new end.
+        if let Ok(f) = OpenOptions::new().write(true).open(&path) {
+            f.set_len(0).map_err(|e| format!("cannot empty `{}`: {e}", path.display()))?;
+            n += 1;
+        }
+        for old in rotated_files(&path) {
+            match std::fs::remove_file(&old) {
+                Ok(()) => n += 1,
+                // The janitor may have compressed or pruned it meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot remove `{}`: {e}", old.display())),
+            }
+        }
     }
+    Ok(n)
 }
 
 impl AppLogs {
@@ -401,9 +423,16 @@ impl Writer {
     }
 }
 
+/// The suffix of a file rotated at `t`: `2026-11-23T120000.123Z` (RFC 3339 without colons).
+///
+/// [`rotation_key`] parses exactly this shape back; change both together.
+fn rotation_stamp(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string().replace(':', "")
+}
+
 /// Renames the file with a sortable time suffix, opens a fresh one, prunes and compresses.
 fn rotate(sink: &mut Sink, cfg: &LogConfig) -> std::io::Result<()> {
-    let stamp = humantime::format_rfc3339_millis(SystemTime::now()).to_string().replace(':', "");
+    let stamp = rotation_stamp(SystemTime::now());
     let mut rotated = sink.path.with_file_name(format!("{}.{stamp}", file_name(&sink.path)));
     let mut n = 1;
     while rotated.exists() {
@@ -455,28 +484,79 @@ fn gzip(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(path)
 }
 
-/// Rotated files of `base`, oldest first.
+/// Where a rotated file of `base` sorts: its stamp, its counter (0 for none)
+/// and whether it is compressed. None when `name` is not exactly
+/// `BASE.STAMP`, `BASE.STAMP-N`, or either with `.gz`, as [`rotate`] and the
+/// janitor write them.
+///
+/// Exact, not a prefix: app names may contain dots, so `web.log.…` may be
+/// another app's file (the app `web.log`'s `web.log.log`).
+fn rotation_key<'a>(base: &str, name: &'a str) -> Option<(&'a str, u32, bool)> {
+    let rest = name.strip_prefix(base)?.strip_prefix('.')?;
+    let (rest, gz) = match rest.strip_suffix(".gz") {
+        Some(r) => (r, true),
+        None => (rest, false),
+    };
+    // A stamp has a fixed length and ends with `Z`, so a counter is never mistaken for part of it.
+    let (stamp, n) = match rest.split_at_checked(STAMP_LEN)? {
+        (stamp, "") => (stamp, 0),
+        (stamp, counter) => (stamp, rotation_counter(counter)?),
+    };
+    is_stamp(stamp).then_some((stamp, n, gz))
+}
+
+/// The `N` of a `-N` suffix as [`rotate`] writes it: 1 or more, no leading zero.
+fn rotation_counter(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix('-')?;
+    let canonical = digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0');
+    digits.parse().ok().filter(|_| canonical)
+}
+
+/// Length of a [`rotation_stamp`]: `YYYY-MM-DDTHHMMSS.mmmZ`.
+const STAMP_LEN: usize = 22;
+
+/// Whether `s` is a [`rotation_stamp`] of a real instant.
+fn is_stamp(s: &str) -> bool {
+    const SHAPE: &[u8; STAMP_LEN] = b"dddd-dd-ddTdddddd.dddZ";
+    let b = s.as_bytes();
+    let shaped = b.len() == STAMP_LEN
+        && SHAPE.iter().zip(b).all(|(want, got)| if *want == b'd' { got.is_ascii_digit() } else { want == got });
+    // The shape allows month 13 or 25 o'clock; the RFC 3339 parser does not.
+    shaped && humantime::parse_rfc3339(&format!("{}:{}:{}", &s[..13], &s[13..15], &s[15..])).is_ok()
+}
+
+/// Rotated files of `base`, oldest first (a compressed file right after its plain original).
 pub fn rotated_files(base: &Path) -> Vec<PathBuf> {
-    let prefix = format!("{}.", file_name(base));
+    let name = file_name(base);
     let Some(dir) = base.parent() else { return Vec::new() };
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| file_name(p).starts_with(&prefix)).collect())
-        .unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut files: Vec<((String, u32, bool), PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let file = e.file_name().into_string().ok()?;
+            let (stamp, n, gz) = rotation_key(&name, &file)?;
+            let key = (stamp.to_string(), n, gz);
+            Some((key, e.path()))
+        })
+        .collect();
+    // By stamp then counter: `X.T-10` is newer than `X.T-9`, and `X.T.gz` older than `X.T-1`.
     files.sort();
-    files
+    files.into_iter().map(|(_, p)| p).collect()
 }
 
 fn prune(base: &Path, keep: usize) {
+    let name = file_name(base);
     let files = rotated_files(base);
-    // A file being compressed shows up twice (plain and .gz); count stems once.
-    let mut stems: Vec<String> = files.iter().map(|p| file_name(p).trim_end_matches(".gz").to_string()).collect();
-    stems.dedup();
-    if stems.len() <= keep {
+    // A file being compressed shows up twice (plain and .gz); count rotations once.
+    let rotation = |p: &Path| rotation_key(&name, &file_name(p)).map(|(stamp, n, _)| (stamp.to_string(), n));
+    let mut rotations: Vec<(String, u32)> = files.iter().filter_map(|p| rotation(p)).collect();
+    rotations.dedup();
+    if rotations.len() <= keep {
         return;
     }
-    let doomed: Vec<String> = stems[..stems.len() - keep].to_vec();
+    let doomed = &rotations[..rotations.len() - keep];
     for p in files {
-        if doomed.iter().any(|d| file_name(&p).trim_end_matches(".gz") == d) {
+        if rotation(&p).is_some_and(|r| doomed.contains(&r)) {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -512,6 +592,8 @@ pub fn tail_lines(tail: &Tail) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn split_all(reads: &[&[u8]], max: usize) -> (Vec<(String, bool)>, Vec<u8>) {
@@ -553,18 +635,164 @@ mod tests {
         assert_eq!((l.stream.as_str(), l.msg.as_str()), ("out", "x y"));
     }
 
+    /// A stamp as `rotate` writes it, `i` milliseconds into a fixed second.
+    fn stamp(i: u64) -> String {
+        rotation_stamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_790_000_000_000 + i))
+    }
+
+    /// A fresh folder under the system's temp folder, removed by the caller.
+    fn temp_dir(what: &str) -> PathBuf {
+        use std::sync::atomic::AtomicUsize;
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sup-{what}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        dir
+    }
+
+    fn names(files: &[PathBuf]) -> Vec<String> {
+        files.iter().map(|p| file_name(p)).collect()
+    }
+
+    #[test]
+    fn rotated_names_are_parsed_exactly() {
+        let t = stamp(123);
+        assert_eq!(t, "2026-09-21T141320.123Z", "the shape rotate writes");
+        let yes: &[(String, (u32, bool))] = &[
+            (format!("web.log.{t}"), (0, false)),
+            (format!("web.log.{t}.gz"), (0, true)),
+            (format!("web.log.{t}-1"), (1, false)),
+            (format!("web.log.{t}-12.gz"), (12, true)),
+        ];
+        for (name, (n, gz)) in yes {
+            assert_eq!(rotation_key("web.log", name), Some((t.as_str(), *n, *gz)), "{name}");
+        }
+        let no = [
+            // The live and rotated files of the app `web.log`, not of `web`.
+            "web.log.log".to_string(),
+            format!("web.log.log.{t}"),
+            format!("web.log.out.log.{t}.gz"),
+            "web.log".to_string(),
+            "web.log.".to_string(),
+            format!("web.log{t}"),
+            format!("web.log.{t}.gz.gz"),
+            format!("web.log.{t}-0"),
+            format!("web.log.{t}-01"),
+            format!("web.log.{t}-"),
+            format!("web.log.{t}-+1"),
+            format!("web.log.{t}x"),
+            format!("web.log.{t}.tmp"),
+            "web.log.2026-09-21T141320.123".to_string(),
+            "web.log.2026-09-21T14:13:20.123Z".to_string(),
+            "web.log.2026-13-21T141320.123Z".to_string(),
+            "web.log.2026-09-21T251320.123Z".to_string(),
+            "web.log.2026-0a-21T141320.123Z".to_string(),
+            "web.log.2026-01".to_string(),
+        ];
+        for name in &no {
+            assert_eq!(rotation_key("web.log", name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn rotated_files_sort_by_stamp_then_counter() {
+        let dir = temp_dir("rotated-order");
+        let (a, b) = (stamp(1), stamp(2));
+        for n in [
+            format!("x.log.{b}"),
+            format!("x.log.{a}-10"),
+            format!("x.log.{a}.gz"),
+            format!("x.log.{a}-9"),
+            format!("x.log.{a}-1.gz"),
+            format!("x.log.{a}"),
+        ] {
+            std::fs::write(dir.join(n), "").expect("write");
+        }
+        let got = names(&rotated_files(&dir.join("x.log")));
+        let want = [
+            format!("x.log.{a}"),
+            format!("x.log.{a}.gz"),
+            format!("x.log.{a}-1.gz"),
+            format!("x.log.{a}-9"),
+            format!("x.log.{a}-10"),
+            format!("x.log.{b}"),
+        ];
+        assert_eq!(got, want);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn pruning_keeps_the_newest() {
-        let dir = std::env::temp_dir().join(format!("sup-prune-{}", std::process::id()));
-        let _ = std::fs::create_dir_all(&dir);
+        let dir = temp_dir("prune");
         let base = dir.join("a.out.log");
-        for s in ["1", "2", "3", "4"] {
-            std::fs::write(dir.join(format!("a.out.log.2026-0{s}")), s).unwrap();
+        for i in 1..=4 {
+            std::fs::write(dir.join(format!("a.out.log.{}", stamp(i))), "x").expect("write");
         }
-        std::fs::write(dir.join("a.out.log.2026-05.gz"), "5").unwrap();
+        // Being compressed: the plain file and its .gz count as one rotation.
+        std::fs::write(dir.join(format!("a.out.log.{}", stamp(5))), "x").expect("write");
+        std::fs::write(dir.join(format!("a.out.log.{}.gz", stamp(5))), "x").expect("write");
+        // Another app's files, which look alike to a prefix match.
+        let other = ["a.out.log.log".to_string(), format!("a.out.log.log.{}", stamp(0))];
+        for n in &other {
+            std::fs::write(dir.join(n), "other").expect("write");
+        }
         prune(&base, 2);
-        let left: Vec<String> = rotated_files(&base).iter().map(|p| file_name(p)).collect();
-        assert_eq!(left, vec!["a.out.log.2026-04", "a.out.log.2026-05.gz"]);
+        let want = [
+            format!("a.out.log.{}", stamp(4)),
+            format!("a.out.log.{}", stamp(5)),
+            format!("a.out.log.{}.gz", stamp(5)),
+        ];
+        assert_eq!(names(&rotated_files(&base)), want);
+        for n in &other {
+            assert_eq!(std::fs::read_to_string(dir.join(n)).expect("left alone"), "other", "{n}");
+        }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn flushing_an_app_leaves_an_app_named_like_its_files_alone() {
+        let t = stamp(7);
+        for combined in [true, false] {
+            let cfg = LogConfig { combined, ..LogConfig::default() };
+            let dir = temp_dir("flush");
+            // Both apps' current files, each rotated twice, once compressed.
+            let mut files: HashMap<&str, Vec<String>> = HashMap::new();
+            for app in ["web", "web.log"] {
+                for (_, live) in file_names(app, &cfg) {
+                    files.entry(app).or_default().extend([
+                        live.clone(),
+                        format!("{live}.{t}"),
+                        format!("{live}.{t}-1.gz"),
+                    ]);
+                }
+            }
+            for (app, names) in &files {
+                for n in names {
+                    std::fs::write(dir.join(n), format!("{app}\n")).expect("write");
+                }
+            }
+            let flushed = flush(&dir, "web", &cfg).expect("flush");
+            let live = file_names("web", &cfg).len();
+            assert_eq!(flushed, live * 3, "combined = {combined}");
+            for (_, name) in file_names("web", &cfg) {
+                assert_eq!(std::fs::read_to_string(dir.join(&name)).expect("kept, emptied"), "", "{name}");
+            }
+            for n in &files["web.log"] {
+                let text = std::fs::read_to_string(dir.join(n)).unwrap_or_default();
+                assert_eq!(text, "web.log\n", "`{n}` of `web.log` survives a flush of `web` (combined = {combined})");
+            }
+            let mut left: Vec<String> = std::fs::read_dir(&dir)
+                .expect("dir")
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            left.sort();
+            let mut want: Vec<String> = files["web.log"].clone();
+            want.extend(file_names("web", &cfg).into_iter().map(|(_, n)| n));
+            want.sort();
+            assert_eq!(left, want, "combined = {combined}");
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }

@@ -138,7 +138,6 @@ impl Recorder for Metrics {
     fn ready(&self, app: &str, ms: u64) {
         self.ready_seconds.get_or_create(&App { app: app.to_string() }).observe(ms as f64 / 1000.0);
     }
-
 }
 
 impl Metrics {

@@ -2,7 +2,7 @@
 //!
 //! A slot is a place for one worker: it owns the slot's current worker, a
 //! replacement being started beside it during a rollout, and old workers
-//! still draining. All transitions happen in [`SlotTask`], each logged with a
+//! still draining. All transitions happen in its task (`SlotTask`), each logged with a
 //! reason and published to a `watch` channel that `status` reads without
 //! waiting on this task.
 //!
@@ -151,7 +151,12 @@ impl SlotHandle {
     }
 
     /// Replaces the running worker: new one ready first, then the old one drains.
-    pub fn replace(&self, spec: Arc<AppSpec>, reason: RestartReason, fence: u64) -> impl Future<Output = ReplaceResult> {
+    pub fn replace(
+        &self,
+        spec: Arc<AppSpec>,
+        reason: RestartReason,
+        fence: u64,
+    ) -> impl Future<Output = ReplaceResult> {
         let (reply, rx) = oneshot::channel();
         self.send(SlotCmd::Replace { spec, reason, fence, reply });
         async move { rx.await.unwrap_or(Err(SlotError::Gone)) }
@@ -512,7 +517,12 @@ impl SlotTask {
         self.replace(self.spec.clone(), RestartReason::Memory, None).await;
     }
 
-    async fn replace(&mut self, spec: Arc<AppSpec>, reason: RestartReason, reply: Option<oneshot::Sender<ReplaceResult>>) {
+    async fn replace(
+        &mut self,
+        spec: Arc<AppSpec>,
+        reason: RestartReason,
+        reply: Option<oneshot::Sender<ReplaceResult>>,
+    ) {
         let reply = reply.unwrap_or_else(|| oneshot::channel().0);
         if !matches!(self.state, State::Ready { .. }) {
             // Nothing serves here: no need to keep an old worker beside the new one.
@@ -686,12 +696,16 @@ impl SlotTask {
         let what = describe(info, failure.as_ref());
         let pid = worker.pid;
         if was_stopping {
-            self.set_state(State::Stopped { reason: format!("stopped ({info})") }, &format!("pid {pid} stopped ({info})"));
+            self.set_state(
+                State::Stopped { reason: format!("stopped ({info})") },
+                &format!("pid {pid} stopped ({info})"),
+            );
             self.finish_stop();
             return;
         }
         for w in self.start_waiters.drain(..) {
-            let _ = w.send(Err(SlotError::Failed(failure_message(pid, info, failure.as_ref(), &tail_lines(&worker.tail)))));
+            let _ =
+                w.send(Err(SlotError::Failed(failure_message(pid, info, failure.as_ref(), &tail_lines(&worker.tail)))));
         }
         if let Some(next) = self.next.take() {
             // The old worker died mid-rollout: the replacement takes the slot as it is.
@@ -718,10 +732,7 @@ impl SlotTask {
             } else {
                 State::Errored { reason: format!("{what}; restart = never") }
             };
-            self.set_state(
-                state,
-                &format!("pid {pid} {what}; not restarted (restart = {})", policy_word(cfg.restart)),
-            );
+            self.set_state(state, &format!("pid {pid} {what}; not restarted (restart = {})", policy_word(cfg.restart)));
             return;
         }
         self.schedule_restart(&format!("pid {pid} {what}"), uptime).await;
@@ -757,7 +768,10 @@ impl SlotTask {
             self.spawn_current(format!("{what}; restarting now")).await;
         } else {
             let until = Instant::now() + delay;
-            self.set_state(State::Backoff { until }, &format!("{what}; restarting in {}", humantime::format_duration(delay)));
+            self.set_state(
+                State::Backoff { until },
+                &format!("{what}; restarting in {}", humantime::format_duration(delay)),
+            );
         }
     }
 

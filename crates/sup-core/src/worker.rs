@@ -20,8 +20,8 @@ use crate::logs::{new_tail, AppLogs, Stream, Tail};
 use crate::nodeipc::{ChannelEvent, NodeChannel};
 use crate::notify::{NotifyMsg, NotifySocket};
 use crate::reaper::ExitInfo;
-use crate::spec::{AppSpec, Recorder};
 use crate::spawner::{SpawnSpec, Spawner};
+use crate::spec::{AppSpec, Recorder};
 
 /// What every worker of an app shares.
 pub struct WorkerCtx {

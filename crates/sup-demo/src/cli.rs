@@ -57,6 +57,10 @@ pub struct Args {
     #[arg(long, conflicts_with = "log_rate")]
     pub log_flood: bool,
 
+    /// Pace --log-flood at this many bytes per second (suffix K or M) instead of as fast as possible.
+    #[arg(long, value_name = "BYTES_PER_SEC", value_parser = parse_size, requires = "log_flood")]
+    pub log_flood_rate: Option<u64>,
+
     /// Stop --log-rate / --log-flood after N lines.
     #[arg(long, value_name = "N")]
     pub log_count: Option<u64>,
@@ -154,5 +158,8 @@ mod tests {
         assert_eq!(a.log_rate, Some(10));
         assert_eq!(a.log_count, Some(5));
         assert!(Args::try_parse_from(["sup-demo", "--grow-memory", "lots"]).is_err());
+        let a = Args::try_parse_from(["sup-demo", "--log-flood", "--log-flood-rate", "20M"]).expect("valid flags");
+        assert_eq!(a.log_flood_rate, Some(20 * 1024 * 1024));
+        assert!(Args::try_parse_from(["sup-demo", "--log-flood-rate", "20M"]).is_err(), "needs --log-flood");
     }
 }

@@ -89,8 +89,9 @@ pub fn log_rate(rate: u64, count: Option<u64>, also_stderr: bool) {
     });
 }
 
-/// Writes ~100-byte `flood <seq> xxx…` lines to stdout as fast as the pipe takes them.
-pub fn log_flood(count: Option<u64>) {
+/// Writes ~100-byte `flood <seq> xxx…` lines to stdout as fast as the pipe
+/// takes them, or at `rate` bytes per second.
+pub fn log_flood(count: Option<u64>, rate: Option<u64>) {
     worker("log-flood", move || {
         let mut out = match raw_stdout() {
             Ok(f) => f,
@@ -100,7 +101,14 @@ pub fn log_flood(count: Option<u64>) {
         let mut buf = Vec::with_capacity(CHUNK + FLOOD_LINE);
         let limit = count.unwrap_or(u64::MAX);
         let mut seq: u64 = 0;
+        let start = Instant::now();
+        let mut written: u64 = 0;
         loop {
+            if let Some(rate) = rate.filter(|r| *r > 0) {
+                // Pace against the start time so sleep overshoot does not lower the rate.
+                let due = u64::try_from(u128::from(written) * 1_000_000_000 / u128::from(rate)).unwrap_or(u64::MAX);
+                sleep_until(start + Duration::from_nanos(due));
+            }
             buf.clear();
             while buf.len() < CHUNK && seq < limit {
                 let before = buf.len();
@@ -116,6 +124,7 @@ pub fn log_flood(count: Option<u64>) {
             if let Err(e) = out.write_all(&buf) {
                 return report_stdout_error("--log-flood", &e);
             }
+            written += buf.len() as u64;
         }
     });
 }

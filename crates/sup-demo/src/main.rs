@@ -169,7 +169,7 @@ fn start_faults(args: &Args) {
         faults::log_rate(rate, args.log_count, args.log_stderr);
     }
     if args.log_flood {
-        faults::log_flood(args.log_count);
+        faults::log_flood(args.log_count, args.log_flood_rate);
     }
     if let Some(bytes) = args.endless_line {
         faults::endless_line(bytes);

@@ -55,6 +55,9 @@ impl ClientError {
             ClientError::Api { code, .. } if code == "busy" => {
                 Some("supd is serving max_control_connections connections; retry shortly")
             }
+            ClientError::Api { code, .. } if code == "too_many_followers" => {
+                Some("every `supctl logs -f` holds a place until it ends: stop one, or leave out -f")
+            }
             ClientError::Unreachable(..) => {
                 Some("is supd running? pass --socket PATH or --config FILE if it uses another socket (exit 3)")
             }

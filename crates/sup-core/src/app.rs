@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 
 use crate::listeners::{AppSockets, ListenError, SlotSockets};
 use crate::slot::{spawn_slot, EnvFuture, SlotEnv, SlotError, SlotHandle};
-use crate::spec::{AppSpec, Samples};
+use crate::spec::{AppSpec, Release, Samples};
 use crate::worker::{WorkerCtx, WorkerEvent, WorkerHandle};
 
 /// The real [`SlotEnv`]: workers are processes on the slot's sockets.
@@ -91,7 +91,7 @@ impl App {
     /// Binds the app's sockets and creates its slots, all stopped.
     pub fn new(ctx: Arc<WorkerCtx>, cfg: AppConfig) -> Result<Arc<App>, ListenError> {
         let sockets = AppSockets::new(&cfg)?;
-        let spec = Arc::new(AppSpec { cfg, version: 1 });
+        let spec = Arc::new(AppSpec { cfg, version: 1, release: None });
         let mut slots = Vec::new();
         for slot in 0..spec.cfg.instances {
             let fds = Arc::new(sockets.for_slot(&spec.cfg, slot)?);
@@ -108,6 +108,31 @@ impl App {
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pins the release `cfg` names now, off the event loop.
+    async fn pin(&self, cfg: &AppConfig) -> Result<Release, String> {
+        let cfg = cfg.clone();
+        let path = self.ctx.base_env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.clone());
+        tokio::task::spawn_blocking(move || crate::spawner::pin_release(&cfg, path.as_deref()))
+            .await
+            .unwrap_or_else(|e| Err(format!("internal error: {e}")))
+    }
+
+    /// The current spec, its release pinned first if it has none yet (the
+    /// app's first start): every later start of this version runs that release.
+    async fn pinned_spec(&self) -> Result<Arc<AppSpec>, String> {
+        let spec = self.spec();
+        if spec.release.is_some() {
+            return Ok(spec);
+        }
+        let release = self.pin(&spec.cfg).await?;
+        let mut inner = self.inner();
+        if inner.spec.version == spec.version && inner.spec.release.is_none() {
+            let cfg = inner.spec.cfg.clone();
+            inner.spec = Arc::new(AppSpec { cfg, version: spec.version, release: Some(release) });
+        }
+        Ok(inner.spec.clone())
     }
 
     /// Handles of the current slots.
@@ -144,6 +169,7 @@ impl App {
                     status_text: v.status_text.clone(),
                     last_restart_reason: v.last_restart_reason,
                     version: v.version,
+                    release: v.release.as_ref().map(|r| r.display().to_string()),
                 }
             })
             .collect();
@@ -159,9 +185,10 @@ impl App {
             if !app.is_running() {
                 return app.result_ok("skipped: no worker runs");
             }
-            let cfg = app.spec().cfg.clone();
+            let spec = app.spec();
             let (tx, _rx) = mpsc::unbounded_channel();
-            app.roll(cfg, RestartReason::Cron, fence, &tx).await
+            // The code it already runs: a scheduled restart deploys nothing.
+            app.roll(spec.cfg.clone(), spec.release.clone(), RestartReason::Cron, fence, &tx).await
         })
         .await
     }
@@ -174,7 +201,10 @@ impl App {
     /// Starts every slot that is not running; waits until all are ready or failed.
     pub async fn start(self: &Arc<Self>, wait: bool) -> AppResult {
         self.run_op("start", wait, |app, fence| async move {
-            let spec = app.spec();
+            let spec = match app.pinned_spec().await {
+                Ok(s) => s,
+                Err(e) => return app.fail(format!("start of `{}` failed: {e}", app.name)),
+            };
             let slots = app.slots();
             let pending: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone(), fence))).collect();
             let outcome = collect(pending).await;
@@ -234,7 +264,10 @@ impl App {
             for fut in stops {
                 fut.await;
             }
-            let spec = app.spec();
+            let spec = match app.pinned_spec().await {
+                Ok(s) => s,
+                Err(e) => return app.fail(format!("restart of `{}` failed: {e}", app.name)),
+            };
             let starts: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone(), fence))).collect();
             let outcome = collect(starts).await;
             app.result("restart", slots.len(), "restarted", outcome)
@@ -252,13 +285,20 @@ impl App {
         wait: bool,
         progress: Progress,
     ) -> AppResult {
-        self.run_op("reload", wait, move |app, fence| async move { app.roll(cfg, reason, fence, &progress).await })
-            .await
+        self.run_op(
+            "reload",
+            wait,
+            move |app, fence| async move { app.roll(cfg, None, reason, fence, &progress).await },
+        )
+        .await
     }
 
+    /// Rolls onto `cfg` as a new version; `release` keeps a pinned one (cron
+    /// restart, rollback), `None` pins whatever `cfg` names now.
     async fn roll(
         self: &Arc<Self>,
         cfg: AppConfig,
+        release: Option<Release>,
         reason: RestartReason,
         fence: u64,
         progress: &Progress,
@@ -268,7 +308,14 @@ impl App {
         if cfg.listen != old.cfg.listen || cfg.listen_backlog != old.cfg.listen_backlog {
             return self.fail("listen addresses changed: `supctl config apply` re-creates the app's sockets".into());
         }
-        let new = Arc::new(AppSpec { cfg, version: old.version + 1 });
+        let release = match release {
+            Some(r) => r,
+            None => match self.pin(&cfg).await {
+                Ok(r) => r,
+                Err(e) => return self.fail(format!("{kind} of `{}` not started: {e}", self.name)),
+            },
+        };
+        let new = Arc::new(AppSpec { cfg, version: old.version + 1, release: Some(release) });
         let slots = self.slots();
         let _ = progress.send(RolloutEvent::Started {
             app: self.name.clone(),
@@ -314,7 +361,7 @@ impl App {
         let (slot, why) = match failure {
             None => {
                 let mut inner = self.inner();
-                let mut spec = AppSpec { cfg: new.cfg.clone(), version: new.version };
+                let mut spec = AppSpec { cfg: new.cfg.clone(), version: new.version, release: new.release.clone() };
                 spec.cfg.instances = inner.slots.len() as u32;
                 inner.spec = Arc::new(spec);
                 drop(inner);
@@ -376,7 +423,10 @@ impl App {
     }
 
     async fn scale_now(self: &Arc<Self>, n: u32, fence: u64, progress: &Progress) -> AppResult {
-        let spec = self.spec();
+        let spec = match self.pinned_spec().await {
+            Ok(s) => s,
+            Err(e) => return self.fail(format!("scale of `{}` failed: {e}", self.name)),
+        };
         let current = self.inner().slots.len() as u32;
         let _ = progress.send(RolloutEvent::Started {
             app: self.name.clone(),
@@ -449,7 +499,7 @@ impl App {
         self.ctx.recorder.rollout(&self.name, "scale", "success");
         let mut cfg = spec.cfg.clone();
         cfg.instances = n;
-        self.inner().spec = Arc::new(AppSpec { cfg, version: spec.version });
+        self.inner().spec = Arc::new(AppSpec { cfg, version: spec.version, release: spec.release.clone() });
         self.result_ok(&format!("scaled from {current} to {n} instances"))
     }
 

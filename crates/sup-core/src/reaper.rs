@@ -240,6 +240,7 @@ pub(crate) mod tests {
             fds: Vec::new(),
             listen_pid: false,
             cwd: "/".into(),
+            program: None,
             ids: None,
         }
     }

@@ -59,6 +59,8 @@ pub struct SlotView {
     pub last_restart_reason: Option<RestartReason>,
     /// Configuration version of the current worker.
     pub version: u64,
+    /// Its pinned release directory.
+    pub release: Option<std::path::PathBuf>,
 }
 
 /// A successful start or replacement.
@@ -285,6 +287,7 @@ pub fn spawn_slot(slot: u32, env: Arc<dyn SlotEnv>, spec: Arc<AppSpec>, fence: u
         status_text: None,
         last_restart_reason: None,
         version: spec.version,
+        release: None,
     };
     let (view_tx, view_rx) = watch::channel(view);
     let task = SlotTask {
@@ -385,6 +388,7 @@ impl SlotTask {
             status_text: self.status_text.clone(),
             last_restart_reason: self.last_restart_reason,
             version: worker.map_or(self.spec.version, |w| w.spec.version),
+            release: worker.map_or(&self.spec, |w| &w.spec).release.as_ref().map(|r| r.cwd.clone()),
         };
         self.view.send_replace(view);
     }

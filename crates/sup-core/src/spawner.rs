@@ -22,6 +22,7 @@ use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
 use tokio::sync::oneshot;
 
 use crate::reaper::{ExitInfo, Reaper};
+use crate::spec::Release;
 
 /// Everything needed to start one worker process.
 #[derive(Debug)]
@@ -36,6 +37,8 @@ pub struct SpawnSpec {
     pub listen_pid: bool,
     /// Working directory.
     pub cwd: PathBuf,
+    /// The program to exec, already resolved (a pinned release); `None` resolves `argv[0]` now.
+    pub program: Option<PathBuf>,
     /// Credentials to switch to.
     pub ids: Option<Credentials>,
 }
@@ -139,6 +142,19 @@ pub fn kill_group(pgid: i32, sig: i32) {
     }
 }
 
+/// Pins the release `cfg` names now: `cwd` and the program with every symlink
+/// resolved. Blocking (file system look-ups): call it off the event loop.
+pub fn pin_release(cfg: &sup_config::AppConfig, base_path: Option<&str>) -> Result<Release, String> {
+    let cwd =
+        std::fs::canonicalize(&cfg.cwd).map_err(|e| format!("cannot resolve `cwd` `{}`: {e}", cfg.cwd.display()))?;
+    let first = cfg.command.first().ok_or_else(|| "the command is empty".to_string())?;
+    let path_var = cfg.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str()).or(base_path);
+    let program = resolve_program(first, path_var, &cwd).map_err(|e| e.to_string())?;
+    let program = std::fs::canonicalize(&program)
+        .map_err(|e| format!("cannot resolve the program `{}`: {e}", program.display()))?;
+    Ok(Release { cwd, program })
+}
+
 /// Resolves a program name against `PATH` the way `execvp` would.
 pub fn resolve_program(name: &str, path_var: Option<&str>, cwd: &Path) -> Result<PathBuf, SpawnError> {
     if name.contains('/') {
@@ -190,7 +206,10 @@ const LISTEN_PID_PREFIX: &[u8] = b"LISTEN_PID=";
 fn spawn_now(reaper: &Reaper, spec: SpawnSpec) -> Result<Spawned, SpawnError> {
     let first = spec.argv.first().ok_or(SpawnError::NotFound(String::new()))?;
     let path_var = spec.env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_str());
-    let program = resolve_program(first, path_var, &spec.cwd)?;
+    let program = match &spec.program {
+        Some(p) => p.clone(),
+        None => resolve_program(first, path_var, &spec.cwd)?,
+    };
 
     let stdin = nix::fcntl::open("/dev/null", OFlag::O_RDONLY | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
         .map_err(os("open /dev/null"))?;
@@ -480,6 +499,7 @@ mod tests {
                 fds: listen.iter().map(|f| f.as_raw_fd()).collect(),
                 listen_pid: true,
                 cwd: cwd.into(),
+                program: None,
                 ids: None,
             };
             match spawner.spawn(spec).await {

@@ -5,6 +5,7 @@
 //! the Prometheus driver that renders them.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use sup_config::AppConfig;
@@ -17,6 +18,18 @@ pub struct AppSpec {
     pub cfg: AppConfig,
     /// Increases with every reload or config change of the app.
     pub version: u64,
+    /// Where the version's code is, pinned when the version was first started.
+    pub release: Option<Release>,
+}
+
+/// A pinned release: the directory and program a version runs, with every
+/// symlink resolved, so a crash restart never follows a moved `current` link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    /// `cwd`, canonical.
+    pub cwd: PathBuf,
+    /// The program `command[0]` named, canonical.
+    pub program: PathBuf,
 }
 
 /// The last sample of one worker.

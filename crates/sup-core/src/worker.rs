@@ -209,7 +209,9 @@ pub async fn start(
         env,
         fds: spawn_fds,
         listen_pid: !fds.is_empty(),
-        cwd: cfg.cwd.clone(),
+        // A pinned version runs its own release, wherever `current` points now.
+        cwd: spec.release.as_ref().map_or_else(|| cfg.cwd.clone(), |r| r.cwd.clone()),
+        program: spec.release.as_ref().map(|r| r.program.clone()),
         ids,
     };
     let spawned = ctx.spawner.spawn(spawn).await.map_err(|e| e.to_string())?;

@@ -149,6 +149,9 @@ pub struct InstanceStatus {
     /// Configuration version the worker runs.
     #[serde(default)]
     pub version: u64,
+    /// The release the worker runs: its working directory with every symlink resolved when its version was pinned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
 }
 
 /// Body of `POST /v1/start|stop|restart`: one app or all of them.

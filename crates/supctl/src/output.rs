@@ -13,7 +13,7 @@ pub fn print_json<T: serde::Serialize>(v: &T) {
 
 /// Prints the status table.
 pub fn print_status(s: &StatusResponse) {
-    let mut rows = vec![["APP", "SLOT", "PID", "STATE", "UPTIME", "RESTARTS", "CPU%", "MEM", "TREE", "REASON"]
+    let mut rows = vec![["APP", "SLOT", "PID", "STATE", "VER", "UPTIME", "RESTARTS", "CPU%", "MEM", "TREE", "REASON"]
         .map(String::from)
         .to_vec()];
     for app in &s.apps {
@@ -23,6 +23,7 @@ pub fn print_status(s: &StatusResponse) {
                 i.slot.to_string(),
                 i.pid.map_or("-".into(), |p| p.to_string()),
                 i.state.as_str().to_string(),
+                i.version.to_string(),
                 i.uptime_ms.map_or("-".into(), uptime),
                 match i.last_restart_reason {
                     Some(r) if i.restarts > 0 => format!(
@@ -42,6 +43,18 @@ pub fn print_status(s: &StatusResponse) {
             rows.push(vec![app.name.clone(), "-".into(), "-".into(), "no instances".into()]);
         }
     }
+    // Where each version's code is: the release it was pinned to.
+    let mut releases = Vec::new();
+    for app in &s.apps {
+        for i in &app.instances {
+            if let Some(r) = &i.release {
+                let line = format!("{} v{}: {r}", app.name, i.version);
+                if !releases.contains(&line) {
+                    releases.push(line);
+                }
+            }
+        }
+    }
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r.get(c).map_or(0, |s| s.chars().count())).max().unwrap_or(0))
         .collect();
@@ -54,6 +67,12 @@ pub fn print_status(s: &StatusResponse) {
             .collect();
         if writeln!(out, "{}", line.join("  ").trim_end()).is_err() {
             return;
+        }
+    }
+    if !releases.is_empty() {
+        let _ = writeln!(out, "\nreleases:");
+        for r in releases {
+            let _ = writeln!(out, "  {r}");
         }
     }
 }

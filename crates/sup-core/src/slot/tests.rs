@@ -95,7 +95,7 @@ struct Rig {
 fn spec(version: u64, extra: &str) -> Arc<AppSpec> {
     let src = format!("[apps.web]\ncommand = \"x\"\n{extra}\n");
     let cfg = sup_config::parse(&src, std::path::Path::new("/x/sup.toml")).unwrap().apps.remove(0);
-    Arc::new(AppSpec { cfg, version })
+    Arc::new(AppSpec { cfg, version, release: None })
 }
 
 fn rig(extra: &str) -> Rig {

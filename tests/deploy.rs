@@ -45,7 +45,7 @@ fn a_crash_after_a_failed_deploy_restarts_the_pinned_release_not_current() {
     let v1 = release(&root, "v1", &good("v1"));
     let v2 = release(&root, "v2", "echo 'v2 cannot start: no database' >&2; exit 1");
     switch(&root, &v1);
-    let out = d.supctl(&["start", "web"]);
+    let out = d.supctl(&["start", "web", "--wait"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let before = d.wait_ready("web", 3);
     for i in &before {
@@ -86,4 +86,77 @@ fn a_crash_after_a_failed_deploy_restarts_the_pinned_release_not_current() {
     }
     let json = String::from_utf8_lossy(&d.supctl(&["status", "web", "--json"]).stdout).into_owned();
     assert!(json.contains(&format!("\"release\": \"{}\"", v1.display())), "{json}");
+}
+
+fn demo() -> String {
+    bin("sup-demo").display().to_string()
+}
+
+/// Rewrites the `[apps.*]` part of the file.
+fn rewrite(d: &Daemon, apps: &str) {
+    let text = std::fs::read_to_string(&d.config).expect("config");
+    let head = &text[..text.find("[apps.").unwrap_or(text.len())];
+    std::fs::write(&d.config, format!("{head}{apps}")).expect("write config");
+}
+
+fn listen_app(port: u16, args: &str) -> String {
+    format!(
+        "[apps.web]\ncommand = [\"{}\", \"--start-delay\", \"200ms\"{args}]\ninstances = 3\nready = \"notify\"\nready_timeout = \"10s\"\nmin_healthy_time = \"3s\"\nlisten = [\"127.0.0.1:{port}\"]\n",
+        demo()
+    )
+}
+
+#[test]
+fn a_release_that_crashes_after_ready_fails_the_reload_within_its_health_window() {
+    let _serial = load_lock();
+    let port = free_port();
+    let d = Daemon::start(&listen_app(port, ""));
+    d.wait_ready("web", 3);
+    let load = Load::start(port, &[Mode::KeepAlive, Mode::NewConnection], 2);
+    load.wait_for(200);
+    // Ready after 200 ms, dead 1 s later: a server that notifies before loading its app.
+    rewrite(&d, &listen_app(port, ", \"--exit-after\", \"1200ms\""));
+    let t0 = Instant::now();
+    let out = d.supctl(&["reload", "web"]);
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("within min_healthy_time"), "{text}");
+    let after = d.wait_ready("web", 3);
+    assert!(after.iter().all(|i| i.version == 1), "every slot back on version 1: {after:?}");
+    load.wait_for(200);
+    let stats = load.finish();
+    eprintln!("reload of a release crashing after ready: failed after {took:?}; load {stats:?}");
+    // Only what the crashing worker itself had accepted: at most one request per client.
+    assert!(stats.failed <= 4, "{stats:?}");
+}
+
+#[test]
+fn a_release_whose_health_turns_bad_after_ready_fails_the_reload() {
+    let _serial = load_lock();
+    let port = free_port();
+    // No `listen`: each worker binds the port itself (SO_REUSEPORT), and the
+    // HTTP probe checks it, during the window too.
+    let app = |args: &str| {
+        format!(
+            "[apps.web]\ncommand = [\"{}\", \"--start-delay\", \"200ms\"{args}]\ninstances = 2\nport = {port}\nready = {{ http = \"/health\" }}\nready_timeout = \"10s\"\nmin_healthy_time = \"3s\"\n",
+            demo()
+        )
+    };
+    let d = Daemon::start(&app(""));
+    d.wait_ready("web", 2);
+    let load = Load::start(port, &[Mode::NewConnection], 2);
+    load.wait_for(100);
+    rewrite(&d, &app(", \"--unhealthy-after\", \"700ms\""));
+    let out = d.supctl(&["reload", "web"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("health probe") && text.contains("min_healthy_time"), "{text}");
+    let after = d.wait_ready("web", 2);
+    assert!(after.iter().all(|i| i.version == 1), "every slot back on version 1: {after:?}");
+    let (code, _) = http_get(port, "/health").expect("answered");
+    assert_eq!(code, 200, "the old version serves");
+    let stats = load.finish();
+    eprintln!("reload of a release turning unhealthy: load {stats:?}");
+    assert!(stats.failed <= 2, "{stats:?}");
 }

@@ -17,6 +17,11 @@ use crate::raw::RawApp;
 use crate::ready::ReadyCheck;
 use crate::restart::RestartPolicy;
 
+/// Default `min_healthy_time`: long enough to catch a server that notifies
+/// before it has loaded the app and then dies (gunicorn without `--preload`),
+/// short enough not to slow a rolling reload much.
+pub const DEFAULT_MIN_HEALTHY_TIME: Duration = Duration::from_secs(1);
+
 /// One supervised program and how to run it.
 #[derive(Clone, PartialEq)]
 pub struct AppConfig {
@@ -44,6 +49,8 @@ pub struct AppConfig {
     pub ready: ReadyCheck,
     /// How long a worker may take to become ready.
     pub ready_timeout: Duration,
+    /// How long a new worker of a rollout must stay up (and pass its probe) after ready before its slot counts as done.
+    pub min_healthy_time: Duration,
     /// Signal asking a worker to stop.
     pub stop_signal: Signal,
     /// How long a worker may take to stop before SIGKILL.
@@ -106,6 +113,7 @@ impl fmt::Debug for AppConfig {
             .field("port", &self.port)
             .field("ready", &self.ready)
             .field("ready_timeout", &self.ready_timeout)
+            .field("min_healthy_time", &self.min_healthy_time)
             .field("stop_signal", &self.stop_signal)
             .field("stop_timeout", &self.stop_timeout)
             .field("restart", &self.restart)
@@ -233,6 +241,7 @@ impl RawApp {
             port: self.port.map(|p| p.into_inner()),
             ready,
             ready_timeout: self.ready_timeout.map_or(Duration::from_secs(30), |d| d.0),
+            min_healthy_time: self.min_healthy_time.map_or(DEFAULT_MIN_HEALTHY_TIME, |d| d.0),
             stop_signal: self.stop_signal.map_or(Signal::SIGTERM, |s| s.0),
             stop_timeout: self.stop_timeout.map_or(Duration::from_secs(10), |d| d.0),
             restart: self.restart.unwrap_or_default(),
@@ -277,6 +286,7 @@ mod tests {
             port: None,
             ready: ReadyCheck::None,
             ready_timeout: Duration::from_secs(30),
+            min_healthy_time: DEFAULT_MIN_HEALTHY_TIME,
             stop_signal: Signal::SIGTERM,
             stop_timeout: Duration::from_secs(10),
             restart: RestartPolicy::Always,

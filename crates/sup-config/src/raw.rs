@@ -67,6 +67,7 @@ pub(crate) struct RawApp {
     pub port: Option<Spanned<u16>>,
     pub ready: Option<Spanned<ReadyCheck>>,
     pub ready_timeout: Option<DurationValue>,
+    pub min_healthy_time: Option<DurationValue>,
     pub stop_signal: Option<SignalValue>,
     pub stop_timeout: Option<DurationValue>,
     pub restart: Option<RestartPolicy>,

@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sup_config::AppConfig;
 use sup_proto::{AppResult, AppStatus, InstanceStatus, RestartReason, RolloutEvent};
@@ -328,7 +328,10 @@ impl App {
         let mut failure: Option<(u32, SlotError)> = None;
         for chunk in slots.chunks(parallel) {
             let t0 = Instant::now();
-            let pending: Vec<_> = chunk.iter().map(|s| (s.slot, s.replace(new.clone(), reason, fence))).collect();
+            let pending: Vec<_> = chunk
+                .iter()
+                .map(|s| (s.slot, s.replace(new.clone(), reason, fence, new.cfg.min_healthy_time)))
+                .collect();
             for (slot, fut) in pending {
                 match fut.await {
                     Ok(r) => {
@@ -378,7 +381,8 @@ impl App {
         if !ids.is_empty() {
             let _ = progress.send(RolloutEvent::RollingBack { app: self.name.clone(), slots: ids.clone() });
         }
-        let pending: Vec<_> = touched.iter().map(|s| (s.slot, s.replace(old.clone(), reason, fence))).collect();
+        let pending: Vec<_> =
+            touched.iter().map(|s| (s.slot, s.replace(old.clone(), reason, fence, Duration::ZERO))).collect();
         let mut back_failures = Vec::new();
         let mut cancelled = false;
         for (s, fut) in pending {

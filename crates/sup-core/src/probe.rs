@@ -77,6 +77,26 @@ fn table_has_listener(pid: i32, table: &str, port: u16, inodes: &std::collection
     })
 }
 
+/// Probes the port every 100 ms for `window`; returns why, at the first failure.
+///
+/// The port is shared by every slot of the app, so a probe may be answered by
+/// any of them: this proves the app's port stays healthy while the new worker
+/// is in its window (its old worker has drained by then), not the new worker
+/// alone.
+pub async fn fails_within(check: &ReadyCheck, port: u16, window: Duration) -> Option<String> {
+    let end = tokio::time::Instant::now() + window;
+    while tokio::time::Instant::now() < end {
+        if !tokio::time::timeout(ATTEMPT, once(check, port)).await.unwrap_or(false) {
+            return Some(match check {
+                ReadyCheck::Http { path } => format!("GET {path} on port {port} was not answered 2xx"),
+                _ => format!("port {port} refused a connection"),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
 /// One attempt: a TCP connect, or `GET path` answered 2xx.
 pub async fn once(check: &ReadyCheck, port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else { return false };

@@ -123,12 +123,31 @@ pub trait SlotEnv: Send + Sync + 'static {
 }
 
 enum SlotCmd {
-    Start { spec: Arc<AppSpec>, fence: u64, reply: oneshot::Sender<ReplaceResult> },
-    Replace { spec: Arc<AppSpec>, reason: RestartReason, fence: u64, reply: oneshot::Sender<ReplaceResult> },
-    Stop { fence: u64, keep_sockets: bool, reply: oneshot::Sender<()> },
+    Start {
+        spec: Arc<AppSpec>,
+        fence: u64,
+        reply: oneshot::Sender<ReplaceResult>,
+    },
+    Replace {
+        spec: Arc<AppSpec>,
+        reason: RestartReason,
+        fence: u64,
+        window: Duration,
+        reply: oneshot::Sender<ReplaceResult>,
+    },
+    Stop {
+        fence: u64,
+        keep_sockets: bool,
+        reply: oneshot::Sender<()>,
+    },
     Kill,
-    Signal { sig: i32, reply: oneshot::Sender<bool> },
-    MemoryExceeded { pid: i32 },
+    Signal {
+        sig: i32,
+        reply: oneshot::Sender<bool>,
+    },
+    MemoryExceeded {
+        pid: i32,
+    },
 }
 
 /// Cheap handle to a slot task.
@@ -152,15 +171,19 @@ impl SlotHandle {
         async move { rx.await.unwrap_or(Err(SlotError::Gone)) }
     }
 
-    /// Replaces the running worker: new one ready first, then the old one drains.
+    /// Replaces the running worker: new one ready first, then the old one
+    /// drains. With a health `window`, the answer waits until the new worker
+    /// has stayed up (and passed its probe) that long after ready; if it
+    /// fails inside the window the slot goes back to the version it replaced.
     pub fn replace(
         &self,
         spec: Arc<AppSpec>,
         reason: RestartReason,
         fence: u64,
+        window: Duration,
     ) -> impl Future<Output = ReplaceResult> {
         let (reply, rx) = oneshot::channel();
-        self.send(SlotCmd::Replace { spec, reason, fence, reply });
+        self.send(SlotCmd::Replace { spec, reason, fence, window, reply });
         async move { rx.await.unwrap_or(Err(SlotError::Gone)) }
     }
 
@@ -233,12 +256,18 @@ impl State {
 struct Replacement {
     worker: WorkerHandle,
     reason: RestartReason,
+    window: Duration,
     reply: oneshot::Sender<ReplaceResult>,
 }
 
-/// A reply waiting for an old worker to finish draining.
+/// A finished replacement's reply, waiting for its old worker to drain and
+/// for the new one's health window to pass.
 struct DrainWait {
-    old_id: u64,
+    old_id: Option<u64>,
+    new_id: u64,
+    // While the window runs: when it ends, and the version to go back to.
+    healthy_at: Option<(Instant, Arc<AppSpec>)>,
+    window: Duration,
     reply: oneshot::Sender<ReplaceResult>,
     done: Replaced,
 }
@@ -327,7 +356,17 @@ impl SlotTask {
                 State::Backoff { until } => Some(*until),
                 _ => None,
             };
+            let window = self.drain_waits.iter().filter_map(|d| d.healthy_at.as_ref().map(|(t, _)| *t)).min();
             tokio::select! {
+                _ = tokio::time::sleep_until(window.unwrap_or_else(Instant::now)), if window.is_some() => {
+                    let now = Instant::now();
+                    for d in &mut self.drain_waits {
+                        if d.healthy_at.as_ref().is_some_and(|(t, _)| *t <= now) {
+                            d.healthy_at = None;
+                        }
+                    }
+                    self.settle_waits();
+                }
                 cmd = self.cmds.recv(), if !closed => match cmd {
                     Some(cmd) => self.on_cmd(cmd).await,
                     None => {
@@ -415,7 +454,9 @@ impl SlotTask {
                 }
             },
             cmd @ SlotCmd::Replace { .. } if self.next.is_some() => self.deferred.push_back(cmd),
-            SlotCmd::Replace { spec, reason, reply, .. } => self.replace(spec, reason, Some(reply)).await,
+            SlotCmd::Replace { spec, reason, window, reply, .. } => {
+                self.replace(spec, reason, window, Some(reply)).await
+            }
             SlotCmd::Stop { fence, keep_sockets, reply } => self.stop(fence, keep_sockets, reply),
             SlotCmd::Kill => self.kill_all(),
             SlotCmd::Signal { sig, reply } => {
@@ -518,13 +559,14 @@ impl SlotTask {
         self.mem_not_before = Some(now + cfg.backoff.delay(self.mem_attempt.saturating_add(1)));
         self.mem_attempt = self.mem_attempt.saturating_add(1);
         tracing::warn!(app = self.app(), slot = self.slot, pid, "over the memory limit: replacing the worker");
-        self.replace(self.spec.clone(), RestartReason::Memory, None).await;
+        self.replace(self.spec.clone(), RestartReason::Memory, Duration::ZERO, None).await;
     }
 
     async fn replace(
         &mut self,
         spec: Arc<AppSpec>,
         reason: RestartReason,
+        window: Duration,
         reply: Option<oneshot::Sender<ReplaceResult>>,
     ) {
         let reply = reply.unwrap_or_else(|| oneshot::channel().0);
@@ -556,7 +598,7 @@ impl SlotTask {
                     "replacement started ({})",
                     reason.as_str()
                 );
-                self.next = Some(Replacement { worker, reason, reply });
+                self.next = Some(Replacement { worker, reason, window, reply });
             }
             Err(e) => {
                 let _ = reply.send(Err(SlotError::Spawn(e)));
@@ -572,14 +614,14 @@ impl SlotTask {
             if let WorkerEventKind::Exited { info, .. } = ev.kind {
                 let old = self.draining.remove(i);
                 tracing::info!(app = self.app(), slot = self.slot, pid = old.pid, "old worker {info}");
-                // Every reply waiting for this worker; others (say a watchdog
-                // replacement finished meanwhile) keep waiting for theirs.
-                let (done, waiting): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut self.drain_waits).into_iter().partition(|d| d.old_id == old.id);
-                self.drain_waits = waiting;
-                for d in done {
-                    let _ = d.reply.send(Ok(d.done));
+                // Only the replies waiting for this worker; others (say a
+                // watchdog replacement finished meanwhile) keep waiting for theirs.
+                for d in &mut self.drain_waits {
+                    if d.old_id == Some(old.id) {
+                        d.old_id = None;
+                    }
                 }
+                self.settle_waits();
                 self.finish_stop();
             }
             return;
@@ -611,12 +653,24 @@ impl SlotTask {
                 }
             }
             WorkerEventKind::Ready => {}
+            WorkerEventKind::Unhealthy(why) => {
+                let (id, pid) = self.state.worker().map_or((0, 0), |w| (w.id, w.pid));
+                let window = self.drain_waits.iter().find(|d| d.new_id == id).map_or(Duration::ZERO, |d| d.window);
+                // The rollout's rollback replaces it, new worker first.
+                self.fail_window(
+                    id,
+                    format!(
+                        "worker {pid} failed its health probe within min_healthy_time ({}): {why}",
+                        humantime::format_duration(window)
+                    ),
+                );
+            }
             WorkerEventKind::Exited { info, failure } => self.on_current_exit(info, failure).await,
             WorkerEventKind::WatchdogMissed => match &self.state {
                 // A hung worker serving nothing still gets a replacement
                 // ready before it is stopped.
                 State::Ready { .. } if self.next.is_none() => {
-                    self.replace(self.spec.clone(), RestartReason::Watchdog, None).await
+                    self.replace(self.spec.clone(), RestartReason::Watchdog, Duration::ZERO, None).await
                 }
                 State::Starting { worker } => {
                     tracing::warn!(
@@ -634,7 +688,7 @@ impl SlotTask {
 
     fn on_next_event(&mut self, ev: WorkerEvent) {
         match ev.kind {
-            WorkerEventKind::Status(_) | WorkerEventKind::WatchdogMissed => {}
+            WorkerEventKind::Status(_) | WorkerEventKind::WatchdogMissed | WorkerEventKind::Unhealthy(_) => {}
             WorkerEventKind::Ready => {
                 let Some(next) = self.next.take() else { return };
                 let ready_ms = next.worker.started.elapsed().as_millis() as u64;
@@ -644,7 +698,7 @@ impl SlotTask {
                 };
                 let new_pid = next.worker.pid;
                 let done = Replaced { old_pid: old.as_ref().map(|w| w.pid), new_pid, ready_ms };
-                self.spec = next.worker.spec.clone();
+                let prev = std::mem::replace(&mut self.spec, next.worker.spec.clone());
                 self.restarts += 1;
                 self.last_restart_reason = Some(next.reason);
                 self.env.on_restart(next.reason);
@@ -659,16 +713,29 @@ impl SlotTask {
                     None => format!("{} ready after {ready_ms} ms (new_pid {new_pid})", next.reason.as_str()),
                 };
                 self.set_state(State::Ready { worker: next.worker }, &reason);
-                match old {
-                    Some(old) => {
-                        old.stop();
-                        self.drain_waits.push(DrainWait { old_id: old.id, reply: next.reply, done });
-                        self.draining.push(old);
-                    }
-                    None => {
-                        let _ = next.reply.send(Ok(done));
+                let new_id = self.state.worker().map_or(0, |w| w.id);
+                // The old worker drains now: during the window only the new one
+                // serves the slot, so its health probe and its crashes are its own.
+                let healthy_at = (!next.window.is_zero()).then(|| (Instant::now() + next.window, prev));
+                if healthy_at.is_some() {
+                    if let Some(w) = self.state.worker() {
+                        w.watch_health(next.window);
                     }
                 }
+                let old_id = old.as_ref().map(|w| w.id);
+                if let Some(old) = old {
+                    old.stop();
+                    self.draining.push(old);
+                }
+                self.drain_waits.push(DrainWait {
+                    old_id,
+                    new_id,
+                    healthy_at,
+                    window: next.window,
+                    reply: next.reply,
+                    done,
+                });
+                self.settle_waits();
             }
             WorkerEventKind::Exited { info, failure } => {
                 let Some(next) = self.next.take() else { return };
@@ -699,6 +766,20 @@ impl SlotTask {
         };
         let what = describe(info, failure.as_ref());
         let pid = worker.pid;
+        let window =
+            self.drain_waits.iter().find(|d| d.new_id == worker.id && d.healthy_at.is_some()).map(|d| d.window);
+        if let Some(window) = window.filter(|_| !was_stopping) {
+            let mut msg = format!(
+                "worker {pid} {what} within min_healthy_time ({}) after it became ready",
+                humantime::format_duration(window)
+            );
+            append_tail(&mut msg, &tail_lines(&worker.tail));
+            if let Some(prev) = self.fail_window(worker.id, msg) {
+                // The slot goes back at once to what it ran before the rollout.
+                self.spec = prev;
+                self.attempt = 0;
+            }
+        }
         if was_stopping {
             self.set_state(
                 State::Stopped { reason: format!("stopped ({info})") },
@@ -799,6 +880,30 @@ impl SlotTask {
         }
     }
 
+    /// Answers every replacement whose old worker has drained and whose new
+    /// worker's health window has passed.
+    fn settle_waits(&mut self) {
+        let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.drain_waits)
+            .into_iter()
+            .partition(|d| d.old_id.is_none() && d.healthy_at.is_none());
+        self.drain_waits = waiting;
+        for d in done {
+            let _ = d.reply.send(Ok(d.done));
+        }
+    }
+
+    /// The worker `id` failed inside its health window: that replacement
+    /// fails, and the version it replaced is returned, for the slot to run
+    /// again instead of the failed one.
+    fn fail_window(&mut self, id: u64, message: String) -> Option<Arc<AppSpec>> {
+        let i = self.drain_waits.iter().position(|d| d.new_id == id && d.healthy_at.is_some())?;
+        let d = self.drain_waits.remove(i);
+        let (_, prev) = d.healthy_at?;
+        tracing::warn!(app = self.app(), slot = self.slot, "{message}");
+        let _ = d.reply.send(Err(SlotError::Failed(message)));
+        Some(prev)
+    }
+
     /// Answers stop requests once nothing of the slot runs any more.
     fn finish_stop(&mut self) {
         if self.idle() {
@@ -822,6 +927,12 @@ fn failure_message(pid: i32, info: ExitInfo, failure: Option<&Failure>, tail: &[
         Some(f @ Failure::NotReady { .. }) => format!("worker {pid} was {f}"),
         None => format!("worker {pid} {info} before becoming ready"),
     };
+    append_tail(&mut msg, tail);
+    msg
+}
+
+/// Appends a failed worker's last output lines (at most 10) to `msg`.
+fn append_tail(msg: &mut String, tail: &[String]) {
     if !tail.is_empty() {
         msg.push_str("; last output:");
         for line in tail.iter().rev().take(10).collect::<Vec<_>>().into_iter().rev() {
@@ -829,7 +940,6 @@ fn failure_message(pid: i32, info: ExitInfo, failure: Option<&Failure>, tail: &[
             msg.push_str(line);
         }
     }
-    msg
 }
 
 fn policy_word(p: RestartPolicy) -> &'static str {

@@ -48,6 +48,8 @@ pub(crate) enum WorkerCtl {
     Kill,
     /// Send this signal to the process group.
     Signal(i32),
+    /// Keep probing it (HTTP or TCP readiness only) for this long; a failed probe is reported.
+    WatchHealth(Duration),
 }
 
 /// Why supd ended a worker itself.
@@ -79,6 +81,8 @@ pub enum WorkerEventKind {
     Status(String),
     /// It stopped sending `WATCHDOG=1` in time (or sent `WATCHDOG=trigger`).
     WatchdogMissed,
+    /// Its readiness probe failed during its health window.
+    Unhealthy(String),
     /// It was reaped. `failure` says why supd killed it, if it did.
     Exited {
         /// How it ended.
@@ -127,6 +131,11 @@ impl WorkerHandle {
     /// so the signal can never reach a process that reused the pid.
     pub fn kill(&self) {
         let _ = self.ctl.send(WorkerCtl::Kill);
+    }
+
+    /// Re-checks its readiness probe for `window`, reporting a failure as [`WorkerEventKind::Unhealthy`].
+    pub fn watch_health(&self, window: Duration) {
+        let _ = self.ctl.send(WorkerCtl::WatchHealth(window));
     }
 
     /// Sends `sig` to its process group (while it is alive).
@@ -384,6 +393,8 @@ impl Watch {
             _ => None,
         };
         let mut kill_deadline: Option<tokio::time::Instant> = None;
+        // Re-probing during a rollout's health window.
+        let mut health: Option<tokio::task::JoinHandle<()>> = None;
         // A cluster worker asked to disconnect gets the stop signal at this time.
         let mut signal_deadline: Option<tokio::time::Instant> = None;
         // Counted from the start, like systemd; every WATCHDOG=1 pushes it out.
@@ -479,6 +490,17 @@ impl Watch {
                         }
                     }
                     Some(WorkerCtl::Signal(sig)) => self.signal(sig),
+                    Some(WorkerCtl::WatchHealth(window)) => {
+                        if let (ReadyCheck::Http { .. } | ReadyCheck::Tcp, Some(port)) = (&self.ready_check, self.port) {
+                            let events = self.events.clone();
+                            let (id, check) = (self.id, self.ready_check.clone());
+                            health = Some(tokio::spawn(async move {
+                                if let Some(why) = crate::probe::fails_within(&check, port, window).await {
+                                    let _ = events.send(WorkerEvent { id, kind: WorkerEventKind::Unhealthy(why) });
+                                }
+                            }));
+                        }
+                    }
                     Some(WorkerCtl::Kill) => self.signal(libc::SIGKILL),
                     // The slot dropped its handle without a stop: nothing may outlive it.
                     None => {
@@ -500,6 +522,9 @@ impl Watch {
         };
         if let Some(p) = probe {
             p.abort();
+        }
+        if let Some(h) = health {
+            h.abort();
         }
         // Whatever the main process left in its group was killed by the
         // reaper while the zombie still held the group's number.

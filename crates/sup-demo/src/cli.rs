@@ -37,6 +37,10 @@ pub struct Args {
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub drain_delay: Option<Duration>,
 
+    /// Answer `GET /health` with 500 from this long after start on (keep serving `/`).
+    #[arg(long, value_name = "DUR", value_parser = parse_duration)]
+    pub unhealthy_after: Option<Duration>,
+
     /// Stop sending WATCHDOG=1 this long after start (keep serving).
     #[arg(long, value_name = "DUR", value_parser = parse_duration)]
     pub stop_watchdog_after: Option<Duration>,

@@ -105,12 +105,15 @@ pub fn fallback_port(flag: Option<u16>) -> Result<Option<u16>, Fatal> {
     }
 }
 
-/// Binds 127.0.0.1:port with SO_REUSEADDR so quick restarts do not hit TIME_WAIT.
+/// Binds 127.0.0.1:port with SO_REUSEADDR so quick restarts do not hit
+/// TIME_WAIT, and SO_REUSEPORT so an old and a new worker can share the port
+/// during a reload (as servers with `reuse_port` do).
 pub fn bind(port: u16) -> Result<Listener, Fatal> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let fail = |e: std::io::Error| Fatal::runtime(format!("cannot listen on {addr}: {e}"));
     let sock = tokio::net::TcpSocket::new_v4().map_err(fail)?;
     sock.set_reuseaddr(true).map_err(fail)?;
+    sock.set_reuseport(true).map_err(fail)?;
     sock.bind(addr).map_err(fail)?;
     sock.listen(1024).map(Listener::Tcp).map_err(fail)
 }

@@ -142,7 +142,7 @@ async fn serve(args: Args, start: Instant, inherited: Vec<StdListener>, port: Op
     };
     start_faults(&args);
 
-    let shared = server::Shared::new(pid, &instance);
+    let shared = server::Shared::new(pid, &instance, args.unhealthy_after.map(|d| start.into_std() + d));
     let drain_delay = args.drain_delay;
     let stop = async {
         recv(&mut signals).await;

@@ -24,14 +24,17 @@ pub struct Shared {
     root: Bytes,
     /// Set once graceful shutdown began: every later response says `Connection: close`.
     closing: AtomicBool,
+    /// From then on `/health` answers 500.
+    unhealthy_at: Option<std::time::Instant>,
 }
 
 impl Shared {
     /// Builds the shared state for this process.
-    pub fn new(pid: u32, instance: &str) -> Arc<Shared> {
+    pub fn new(pid: u32, instance: &str, unhealthy_at: Option<std::time::Instant>) -> Arc<Shared> {
         Arc::new(Shared {
             root: Bytes::from(format!("pid={pid} instance={instance}\n")),
             closing: AtomicBool::new(false),
+            unhealthy_at,
         })
     }
 }
@@ -128,6 +131,9 @@ async fn handle(req: Request<Incoming>, shared: Arc<Shared>) -> Result<Response<
     let readable = matches!(*req.method(), Method::GET | Method::HEAD);
     let mut resp = match (readable, req.uri().path()) {
         (true, "/") => text(StatusCode::OK, shared.root.clone()),
+        (true, "/health") if shared.unhealthy_at.is_some_and(|t| std::time::Instant::now() >= t) => {
+            text(StatusCode::INTERNAL_SERVER_ERROR, Bytes::from_static(b"unhealthy\n"))
+        }
         (true, "/health") => text(StatusCode::OK, Bytes::from_static(b"ok\n")),
         (true, "/slow") => match slow_ms(req.uri().query()) {
             Some(ms) => {

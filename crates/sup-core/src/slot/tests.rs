@@ -192,14 +192,17 @@ async fn stop_while_starting_cancels_the_start() {
 async fn stop_during_a_replacement_cancels_it_and_its_rollback() {
     let mut r = rig("");
     let mut old = r.running().await;
-    let replace = r.slot.replace(spec(2, ""), RestartReason::Reload, 0);
+    let replace = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::ZERO);
     let mut new = r.launched().await;
     let stop = r.slot.stop(1, false);
     assert_eq!(replace.await.unwrap_err(), SlotError::Cancelled);
     new.expect(WorkerCtl::Kill).await;
     old.expect(WorkerCtl::Stop).await;
     // The interrupted reload's rollback carries the old fence: refused, nothing starts.
-    assert_eq!(r.slot.replace(spec(1, ""), RestartReason::Reload, 0).await.unwrap_err(), SlotError::Cancelled);
+    assert_eq!(
+        r.slot.replace(spec(1, ""), RestartReason::Reload, 0, Duration::ZERO).await.unwrap_err(),
+        SlotError::Cancelled
+    );
     assert_eq!(r.slot.start(spec(1, ""), 0).await.unwrap_err(), SlotError::Cancelled);
     new.exit(ExitInfo::Signal(9));
     old.exit(ExitInfo::Code(0));
@@ -246,7 +249,7 @@ async fn a_dropped_slot_stops_its_worker_and_never_restarts_it() {
 async fn a_replacement_that_exits_fails_and_keeps_the_current_worker() {
     let mut r = rig("");
     let old = r.running().await;
-    let replace = r.slot.replace(spec(2, ""), RestartReason::Reload, 0);
+    let replace = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::ZERO);
     let new = r.launched().await;
     new.exit(ExitInfo::Code(3));
     match replace.await {
@@ -263,7 +266,7 @@ async fn replies_wait_for_their_own_old_worker() {
     // not answer (or drop) the reload's reply.
     let mut r = rig("");
     let mut v1 = r.running().await;
-    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0);
+    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::ZERO);
     let mut v2 = r.launched().await;
     v2.ready();
     v1.expect(WorkerCtl::Stop).await;
@@ -292,7 +295,7 @@ async fn memory_replacement_is_decided_by_the_slot_and_ordered_with_a_reload() {
     let mut m = r.launched().await;
     assert_eq!(m.version, 1);
     // A reload reaching the slot meanwhile waits for the memory replacement.
-    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0);
+    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::ZERO);
     r.no_launch().await;
     m.ready();
     v1.expect(WorkerCtl::Stop).await;
@@ -315,7 +318,7 @@ async fn a_stop_cancels_a_deferred_reload() {
     let v1 = r.running().await;
     r.slot.memory_exceeded(v1.pid);
     let _m = r.launched().await;
-    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0);
+    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::ZERO);
     let _stop = r.slot.stop(1, false);
     assert_eq!(reload.await.unwrap_err(), SlotError::Cancelled);
     r.no_launch().await;
@@ -325,7 +328,7 @@ async fn a_stop_cancels_a_deferred_reload() {
 async fn the_current_worker_dying_mid_rollout_hands_over_to_the_replacement() {
     let mut r = rig("");
     let old = r.running().await;
-    let replace = r.slot.replace(spec(2, ""), RestartReason::Reload, 0);
+    let replace = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::ZERO);
     let new = r.launched().await;
     old.exit(ExitInfo::Signal(9));
     r.state(WorkerState::Starting).await;
@@ -368,4 +371,67 @@ async fn stop_closes_the_sockets_and_restart_keeps_them() {
     assert_eq!(r.env.closed.load(Ordering::SeqCst), before, "restart's stop closed the sockets");
     r.slot.stop(1, false).await;
     assert!(r.env.closed.load(Ordering::SeqCst) > before, "a stop of a stopped slot left its sockets open");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replacement_counts_only_after_its_health_window() {
+    let mut r = rig("");
+    let mut v1 = r.running().await;
+    let t0 = tokio::time::Instant::now();
+    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::from_secs(5));
+    let mut v2 = r.launched().await;
+    v2.ready();
+    // The old worker drains at once; the new one is re-probed through its window.
+    v1.expect(WorkerCtl::Stop).await;
+    v2.expect(WorkerCtl::WatchHealth(Duration::from_secs(5))).await;
+    v1.exit(ExitInfo::Code(0));
+    reload.await.unwrap();
+    assert!(t0.elapsed() >= Duration::from_secs(5), "answered before the window passed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_inside_the_window_fails_and_the_slot_goes_back() {
+    let mut r = rig("");
+    let mut v1 = r.running().await;
+    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::from_secs(5));
+    let v2 = r.launched().await;
+    v2.ready();
+    v1.expect(WorkerCtl::Stop).await;
+    v1.exit(ExitInfo::Code(0));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    v2.exit(ExitInfo::Signal(11));
+    match reload.await {
+        Err(SlotError::Failed(m)) => assert!(m.contains("within min_healthy_time"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    // Restarted at once, on the version it replaced, not the failed one.
+    let back = r.launched().await;
+    assert_eq!(back.version, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_probe_inside_the_window_fails_the_replacement() {
+    let mut r = rig("");
+    let v1 = r.running().await;
+    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::from_secs(5));
+    let v2 = r.launched().await;
+    v2.ready();
+    v1.exit(ExitInfo::Code(0));
+    v2.send(WorkerEventKind::Unhealthy("GET /health answered 500".into()));
+    match reload.await {
+        Err(SlotError::Failed(m)) => assert!(m.contains("health probe") && m.contains("500"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stop_inside_the_window_cancels_the_replacement() {
+    let mut r = rig("");
+    let v1 = r.running().await;
+    let reload = r.slot.replace(spec(2, ""), RestartReason::Reload, 0, Duration::from_secs(5));
+    let v2 = r.launched().await;
+    v2.ready();
+    v1.exit(ExitInfo::Code(0));
+    let _stop = r.slot.stop(1, false);
+    assert_eq!(reload.await.unwrap_err(), SlotError::Cancelled);
 }

@@ -354,6 +354,7 @@ mod tests {
                     status_text: None,
                     last_restart_reason: Some(RestartReason::Crash),
                     version: 1,
+                    release: Some("/srv/app/releases/v1".into()),
                 }],
             }],
         };
@@ -368,6 +369,8 @@ mod tests {
         assert_eq!(i["cpu_percent"], 0.5);
         assert_eq!(i["rss_bytes"], 1024);
         assert_eq!(i["last_restart_reason"], "crash");
+        assert_eq!(i["version"], 1);
+        assert_eq!(i["release"], "/srv/app/releases/v1");
     }
 
     #[test]

@@ -160,3 +160,92 @@ fn a_release_whose_health_turns_bad_after_ready_fails_the_reload() {
     eprintln!("reload of a release turning unhealthy: load {stats:?}");
     assert!(stats.failed <= 2, "{stats:?}");
 }
+
+#[test]
+fn rollback_goes_to_the_pinned_release_under_load_and_history_survives_a_restart() {
+    let _serial = load_lock();
+    let port = free_port();
+    let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("temp dir");
+    let root = dir.path().to_path_buf();
+    let v1 = release(&root, "v1", &good("v1"));
+    let v2 = release(&root, "v2", &good("v2"));
+    let v3 = release(&root, "v3", "echo 'v3 is broken' >&2; exit 1");
+    let v4 = release(&root, "v4", &good("v4"));
+    switch(&root, &v1);
+    let app = |gen: u32| {
+        format!(
+            "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\n\n\
+             [apps.web]\ncommand = [\"./server\"]\ncwd = \"current\"\ninstances = 2\nready = \"notify\"\nready_timeout = \"5s\"\n\
+             min_healthy_time = \"500ms\"\nlisten = [\"127.0.0.1:{port}\"]\nenv = {{ GEN = \"{gen}\" }}\n"
+        )
+    };
+    let config = root.join("supervisor.toml");
+    std::fs::write(&config, app(1)).expect("config");
+    let d = Daemon::start_with(dir, config.clone(), root.join("run/control.sock"));
+    d.wait_ready("web", 2);
+    let run = |args: &[&str], want: i32| {
+        let out = d.supctl(args);
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.code(), Some(want), "supctl {}: {text}", args.join(" "));
+        text
+    };
+    switch(&root, &v2);
+    run(&["reload", "web"], 0);
+    switch(&root, &v3);
+    run(&["reload", "web"], 1);
+    // The file and the link move on; nobody reloads.
+    switch(&root, &v4);
+    std::fs::write(&config, app(4)).expect("config");
+    let load = Load::start(port, &[Mode::NewConnection], 2);
+    load.wait_for(100);
+    let text = run(&["rollback", "web", "--to", "1"], 0);
+    assert!(text.contains("rollback to version 1"), "{text}");
+    let stats = load.finish();
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    let after = d.wait_ready("web", 2);
+    for i in &after {
+        assert_eq!(i.release.as_deref(), Some(v1.to_str().expect("utf-8")), "{i:?}");
+    }
+    // Every answer now comes from v1's code.
+    let load = Load::start(port, &[Mode::NewConnection], 2);
+    load.wait_for(200);
+    let stats = load.finish();
+    assert_eq!(stats.failed, 0, "{stats:?}");
+    for pid in stats.by_pid.keys() {
+        assert_eq!(cwd_of(*pid), v1, "pid {pid} answered from another release");
+    }
+    let history = |d: &Daemon| {
+        let out = d.supctl(&["history", "web", "--json"]);
+        let h: serde_json::Value = serde_json::from_slice(&out.stdout).expect("history JSON");
+        h["history"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| {
+                (
+                    e["version"].as_u64().unwrap_or(0),
+                    e["trigger"].as_str().unwrap_or("").to_string(),
+                    e["result"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let want = vec![
+        (1, "start".to_string(), "ok".to_string()),
+        (2, "reload".into(), "ok".into()),
+        (3, "reload".into(), "rolled_back".into()),
+        (4, "rollback".into(), "ok".into()),
+    ];
+    let got = wait_until("the history", DEADLINE, || {
+        let h = history(&d);
+        (h == want).then_some(h)
+    });
+    assert_eq!(got, want);
+    let text = run(&["history", "web"], 0);
+    assert!(text.contains("v3 is broken") || text.contains("rolled_back"), "{text}");
+    // A restart (an upgrade of supd) keeps the history; versions number on from it.
+    let d = d.restart();
+    d.wait_ready("web", 2);
+    assert_eq!(history(&d)[..4], want[..]);
+    assert!(d.instances("web").iter().all(|i| i.version == 5), "{:?}", d.instances("web"));
+}

@@ -528,3 +528,16 @@ impl Daemon {
         });
     }
 }
+
+impl Daemon {
+    /// Stops supd (SIGTERM) and starts it again on the same folder and file.
+    pub fn restart(mut self) -> Daemon {
+        let mut child = self.child.take().expect("child");
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        wait_until("supd to exit", DEADLINE, || child.try_wait().ok().flatten());
+        let spare = tempfile::Builder::new().prefix("sup-spare").tempdir().expect("temp dir");
+        let dir = std::mem::replace(&mut self.dir, spare);
+        Daemon::start_with(dir, self.config.clone(), self.socket.clone())
+    }
+}

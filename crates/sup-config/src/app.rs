@@ -51,6 +51,8 @@ pub struct AppConfig {
     pub ready_timeout: Duration,
     /// How long a new worker of a rollout must stay up (and pass its probe) after ready before its slot counts as done.
     pub min_healthy_time: Duration,
+    /// How many versions `supctl history` keeps (and `rollback` can go back to).
+    pub history_limit: u32,
     /// Signal asking a worker to stop.
     pub stop_signal: Signal,
     /// How long a worker may take to stop before SIGKILL.
@@ -114,6 +116,7 @@ impl fmt::Debug for AppConfig {
             .field("ready", &self.ready)
             .field("ready_timeout", &self.ready_timeout)
             .field("min_healthy_time", &self.min_healthy_time)
+            .field("history_limit", &self.history_limit)
             .field("stop_signal", &self.stop_signal)
             .field("stop_timeout", &self.stop_timeout)
             .field("restart", &self.restart)
@@ -242,6 +245,7 @@ impl RawApp {
             ready,
             ready_timeout: self.ready_timeout.map_or(Duration::from_secs(30), |d| d.0),
             min_healthy_time: self.min_healthy_time.map_or(DEFAULT_MIN_HEALTHY_TIME, |d| d.0),
+            history_limit: self.history_limit.map_or(10, |n| n.0),
             stop_signal: self.stop_signal.map_or(Signal::SIGTERM, |s| s.0),
             stop_timeout: self.stop_timeout.map_or(Duration::from_secs(10), |d| d.0),
             restart: self.restart.unwrap_or_default(),
@@ -287,6 +291,7 @@ mod tests {
             ready: ReadyCheck::None,
             ready_timeout: Duration::from_secs(30),
             min_healthy_time: DEFAULT_MIN_HEALTHY_TIME,
+            history_limit: 10,
             stop_signal: Signal::SIGTERM,
             stop_timeout: Duration::from_secs(10),
             restart: RestartPolicy::Always,

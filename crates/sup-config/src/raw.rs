@@ -68,6 +68,7 @@ pub(crate) struct RawApp {
     pub ready: Option<Spanned<ReadyCheck>>,
     pub ready_timeout: Option<DurationValue>,
     pub min_healthy_time: Option<DurationValue>,
+    pub history_limit: Option<AtLeastOne>,
     pub stop_signal: Option<SignalValue>,
     pub stop_timeout: Option<DurationValue>,
     pub restart: Option<RestartPolicy>,

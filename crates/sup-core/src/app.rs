@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sup_config::AppConfig;
-use sup_proto::{AppResult, AppStatus, InstanceStatus, RestartReason, RolloutEvent};
+use sup_proto::{AppResult, AppStatus, HistoryEntry, InstanceStatus, RestartReason, RolloutEvent};
 use tokio::sync::mpsc;
 
+use crate::history::History;
 use crate::listeners::{AppSockets, ListenError, SlotSockets};
 use crate::slot::{spawn_slot, EnvFuture, SlotEnv, SlotError, SlotHandle};
 use crate::spec::{AppSpec, Release, Samples};
@@ -65,6 +66,8 @@ struct Inner {
     fence: u64,
     // The app was removed (or supd is shutting down): no operation runs any more.
     removed: bool,
+    // The highest version number given out: a failed version keeps its number.
+    last_version: u64,
 }
 
 /// Where a rollout reports its progress.
@@ -78,6 +81,19 @@ pub struct App {
     inner: Mutex<Inner>,
     op: Arc<tokio::sync::Mutex<()>>,
     op_name: Mutex<Option<&'static str>>,
+    history: History,
+    // The versions that ran successfully since supd started, with their pinned
+    // table and release: what `rollback` can go back to.
+    versions: Mutex<Vec<Arc<AppSpec>>>,
+}
+
+/// Why a version was made, for the history.
+#[derive(Debug, Clone, Copy)]
+pub struct Trigger {
+    /// `start`, `reload`, `apply`, `cron`, `rollback`.
+    pub kind: &'static str,
+    /// Who asked, from the control socket's peer credentials.
+    pub uid: Option<u32>,
 }
 
 /// How an operation over several slots ended.
@@ -89,9 +105,11 @@ enum Outcome {
 
 impl App {
     /// Binds the app's sockets and creates its slots, all stopped.
-    pub fn new(ctx: Arc<WorkerCtx>, cfg: AppConfig) -> Result<Arc<App>, ListenError> {
+    pub fn new(ctx: Arc<WorkerCtx>, cfg: AppConfig, history: History) -> Result<Arc<App>, ListenError> {
         let sockets = AppSockets::new(&cfg)?;
-        let spec = Arc::new(AppSpec { cfg, version: 1, release: None });
+        // Numbered on from the history, so a restarted supd's versions stay unique.
+        let version = history.last_version() + 1;
+        let spec = Arc::new(AppSpec { cfg, version, release: None });
         let mut slots = Vec::new();
         for slot in 0..spec.cfg.instances {
             let fds = Arc::new(sockets.for_slot(&spec.cfg, slot)?);
@@ -100,9 +118,11 @@ impl App {
         Ok(Arc::new(App {
             name: spec.cfg.name.clone(),
             ctx,
-            inner: Mutex::new(Inner { spec, slots, sockets, fence: 0, removed: false }),
+            inner: Mutex::new(Inner { spec, slots, sockets, fence: 0, removed: false, last_version: version }),
             op: Arc::default(),
             op_name: Mutex::new(None),
+            history,
+            versions: Mutex::new(Vec::new()),
         }))
     }
 
@@ -188,7 +208,8 @@ impl App {
             let spec = app.spec();
             let (tx, _rx) = mpsc::unbounded_channel();
             // The code it already runs: a scheduled restart deploys nothing.
-            app.roll(spec.cfg.clone(), spec.release.clone(), RestartReason::Cron, fence, &tx).await
+            let trigger = Trigger { kind: "cron", uid: None };
+            app.roll(spec.cfg.clone(), spec.release.clone(), RestartReason::Cron, trigger, fence, &tx).await
         })
         .await
     }
@@ -201,6 +222,8 @@ impl App {
     /// Starts every slot that is not running; waits until all are ready or failed.
     pub async fn start(self: &Arc<Self>, wait: bool) -> AppResult {
         self.run_op("start", wait, |app, fence| async move {
+            let t0 = (chrono::Utc::now(), Instant::now());
+            let first = app.spec().release.is_none();
             let spec = match app.pinned_spec().await {
                 Ok(s) => s,
                 Err(e) => return app.fail(format!("start of `{}` failed: {e}", app.name)),
@@ -208,7 +231,16 @@ impl App {
             let slots = app.slots();
             let pending: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone(), fence))).collect();
             let outcome = collect(pending).await;
-            app.result("start", slots.len(), "started", outcome)
+            let r = app.result("start", slots.len(), "started", outcome);
+            if first {
+                // The version's first run: it enters the history.
+                let result = if r.ok { "ok" } else { "failed" };
+                app.record(&spec, Trigger { kind: "start", uid: None }, result, t0, &r.message);
+                if r.ok {
+                    app.remember(&spec);
+                }
+            }
+            r
         })
         .await
     }
@@ -282,40 +314,145 @@ impl App {
         self: &Arc<Self>,
         cfg: AppConfig,
         reason: RestartReason,
+        uid: Option<u32>,
         wait: bool,
         progress: Progress,
     ) -> AppResult {
-        self.run_op(
-            "reload",
-            wait,
-            move |app, fence| async move { app.roll(cfg, None, reason, fence, &progress).await },
-        )
+        let trigger = Trigger { kind: if reason == RestartReason::Config { "apply" } else { "reload" }, uid };
+        self.run_op("reload", wait, move |app, fence| async move {
+            app.roll(cfg, None, reason, trigger, fence, &progress).await
+        })
         .await
+    }
+
+    /// Rolls back onto version `to`, or the last successful one before the
+    /// current: its pinned table and release, through the same engine, even if
+    /// the file and the `current` link have moved on since.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        to: Option<u64>,
+        uid: Option<u32>,
+        wait: bool,
+        progress: Progress,
+    ) -> AppResult {
+        self.run_op("rollback", wait, move |app, fence| async move {
+            let current = app.spec().version;
+            let target = {
+                let versions = app.versions.lock().unwrap_or_else(|e| e.into_inner());
+                match to {
+                    Some(n) => versions.iter().find(|s| s.version == n).cloned(),
+                    None => versions.iter().rev().find(|s| s.version < current).cloned(),
+                }
+            };
+            let Some(target) = target else {
+                return app.fail(match to {
+                    Some(n) if n == current => format!("`{}` already runs version {n}", app.name),
+                    Some(n) => format!(
+                        "version {n} of `{}` cannot be rolled back to: only versions that ran successfully \
+                         since supd started are kept; see `supctl history {}`",
+                        app.name, app.name
+                    ),
+                    None => format!("`{}` has no earlier successful version to roll back to", app.name),
+                });
+            };
+            let trigger = Trigger { kind: "rollback", uid };
+            let mut r = app
+                .roll(target.cfg.clone(), target.release.clone(), RestartReason::Reload, trigger, fence, &progress)
+                .await;
+            if r.ok {
+                r.message = format!("{} (rollback to version {})", r.message, target.version);
+            }
+            r
+        })
+        .await
+    }
+
+    /// Keeps a version that ran successfully, for `rollback`.
+    fn remember(&self, spec: &Arc<AppSpec>) {
+        let mut versions = self.versions.lock().unwrap_or_else(|e| e.into_inner());
+        versions.retain(|s| s.version != spec.version);
+        versions.push(spec.clone());
+        let excess = versions.len().saturating_sub(spec.cfg.history_limit as usize);
+        versions.drain(..excess);
+    }
+
+    /// Writes a version's outcome into the history.
+    fn record(
+        &self,
+        spec: &AppSpec,
+        trigger: Trigger,
+        result: &str,
+        t0: (chrono::DateTime<chrono::Utc>, Instant),
+        message: &str,
+    ) {
+        self.history.record(HistoryEntry {
+            version: spec.version,
+            trigger: trigger.kind.into(),
+            result: result.into(),
+            release: spec.release.as_ref().map(|r| r.cwd.display().to_string()),
+            at: t0.0.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            duration_ms: t0.1.elapsed().as_millis() as u64,
+            uid: trigger.uid,
+            message: message.into(),
+            digest: digest(&spec.cfg),
+        });
+    }
+
+    /// The app's version history, oldest first.
+    pub fn history(&self) -> Vec<HistoryEntry> {
+        self.history.entries()
     }
 
     /// Rolls onto `cfg` as a new version; `release` keeps a pinned one (cron
     /// restart, rollback), `None` pins whatever `cfg` names now.
+    #[allow(clippy::too_many_arguments)]
     async fn roll(
+        self: &Arc<Self>,
+        cfg: AppConfig,
+        release: Option<Release>,
+        reason: RestartReason,
+        trigger: Trigger,
+        fence: u64,
+        progress: &Progress,
+    ) -> AppResult {
+        let t0 = (chrono::Utc::now(), Instant::now());
+        let (r, tried) = self.roll_version(cfg, release, reason, fence, progress).await;
+        if let Some((spec, result)) = tried {
+            self.record(&spec, trigger, result, t0, &r.message);
+        }
+        r
+    }
+
+    /// One rollout; returns its answer and the version it tried with how that ended.
+    async fn roll_version(
         self: &Arc<Self>,
         cfg: AppConfig,
         release: Option<Release>,
         reason: RestartReason,
         fence: u64,
         progress: &Progress,
-    ) -> AppResult {
+    ) -> (AppResult, Option<(Arc<AppSpec>, &'static str)>) {
         let old = self.spec();
         let kind = reason_kind(reason);
         if cfg.listen != old.cfg.listen || cfg.listen_backlog != old.cfg.listen_backlog {
-            return self.fail("listen addresses changed: `supctl config apply` re-creates the app's sockets".into());
+            return (
+                self.fail("listen addresses changed: `supctl config apply` re-creates the app's sockets".into()),
+                None,
+            );
         }
         let release = match release {
             Some(r) => r,
             None => match self.pin(&cfg).await {
                 Ok(r) => r,
-                Err(e) => return self.fail(format!("{kind} of `{}` not started: {e}", self.name)),
+                Err(e) => return (self.fail(format!("{kind} of `{}` not started: {e}", self.name)), None),
             },
         };
-        let new = Arc::new(AppSpec { cfg, version: old.version + 1, release: Some(release) });
+        let version = {
+            let mut inner = self.inner();
+            inner.last_version += 1;
+            inner.last_version
+        };
+        let new = Arc::new(AppSpec { cfg, version, release: Some(release) });
         let slots = self.slots();
         let _ = progress.send(RolloutEvent::Started {
             app: self.name.clone(),
@@ -370,9 +507,13 @@ impl App {
                 drop(inner);
                 let n = slots.len();
                 self.ctx.recorder.rollout(&self.name, kind, "success");
-                return self.result_ok(&format!("rolled {n}/{n} instances to version {}", new.version));
+                self.remember(&self.spec());
+                return (
+                    self.result_ok(&format!("rolled {n}/{n} instances to version {}", new.version)),
+                    Some((new, "ok")),
+                );
             }
-            Some((_, SlotError::Cancelled)) => return self.cancelled(kind),
+            Some((_, SlotError::Cancelled)) => return (self.cancelled(kind), Some((new, "cancelled"))),
             Some(f) => f,
         };
         // Every slot that now runs (or tries to run) the new version goes back.
@@ -397,7 +538,7 @@ impl App {
             let _ = progress.send(RolloutEvent::SlotRolledBack { app: self.name.clone(), slot: s, ok, message });
         }
         if cancelled {
-            return self.cancelled(kind);
+            return (self.cancelled(kind), Some((new, "cancelled")));
         }
         self.ctx.recorder.rollout(&self.name, kind, "rolled_back");
         let mut message = format!(
@@ -409,7 +550,8 @@ impl App {
         if !back_failures.is_empty() {
             message.push_str(&format!("\nslots {back_failures:?} could not be put back; see `supctl status`"));
         }
-        self.fail(message)
+        let result = if back_failures.is_empty() { "rolled_back" } else { "failed" };
+        (self.fail(message), Some((new, result)))
     }
 
     fn cancelled(&self, kind: &str) -> AppResult {
@@ -677,6 +819,17 @@ async fn collect(pending: Vec<(u32, impl Future<Output = crate::slot::ReplaceRes
         (false, true) => Outcome::Done,
         (false, false) => Outcome::Failed(failures),
     }
+}
+
+/// A digest of the app's table, environment values included (never shown).
+fn digest(cfg: &AppConfig) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    format!("{cfg:?}").hash(&mut h);
+    for (k, v) in &cfg.env {
+        (k, v).hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
 }
 
 fn article(word: &str) -> &'static str {

@@ -419,7 +419,18 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
         sup.reopen_logs();
         return json(StatusCode::OK, &ActionResponse::default());
     }
-    if !["/start", "/stop", "/restart", "/reload", "/scale", "/config/apply"].contains(&rest.as_str()) {
+    if rest == "/history" {
+        if req.method() != Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/history");
+        }
+        let app = req.uri().query().and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("app=")));
+        return match app.map(|a| sup.history(a)) {
+            None => error(StatusCode::BAD_REQUEST, "bad_request", "give `app`"),
+            Some(Err(e)) => api_error(e),
+            Some(Ok(h)) => json(StatusCode::OK, &h),
+        };
+    }
+    if !["/start", "/stop", "/restart", "/reload", "/rollback", "/scale", "/config/apply"].contains(&rest.as_str()) {
         return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`"));
     }
     if req.method() != Method::POST {
@@ -450,7 +461,14 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
                 Ok(a) => a,
                 Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
             };
-            stream(move |p| async move { sup.reload(&action, p).await }).await
+            stream(move |p| async move { sup.reload(&action, peer.uid, p).await }).await
+        }
+        "/rollback" => {
+            let rb: sup_proto::RollbackRequest = match parse(&body) {
+                Ok(a) => a,
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+            };
+            stream(move |p| async move { sup.rollback(&rb.app, rb.to, peer.uid, rb.wait, p).await }).await
         }
         "/scale" => {
             let scale: ScaleRequest = match parse(&body) {
@@ -463,7 +481,7 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
             if !body.iter().all(u8::is_ascii_whitespace) && body.as_ref() != b"{}" {
                 return error(StatusCode::BAD_REQUEST, "bad_request", "config apply takes no body (or `{}`)");
             }
-            stream(move |p| async move { sup.apply(p).await }).await
+            stream(move |p| async move { sup.apply(peer.uid, p).await }).await
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod app;
 pub mod control;
 pub mod cron;
 pub mod fdstore;
+pub mod history;
 pub mod listeners;
 pub mod logread;
 pub mod logs;
@@ -57,6 +58,7 @@ mod layers {
         ("probe", 1),
         ("listeners", 1),
         ("fdstore", 1),
+        ("history", 1),
         ("logs", 1),
         ("logread", 1),
         ("worker", 2),
@@ -78,6 +80,7 @@ mod layers {
         ("probe", include_str!("probe.rs")),
         ("listeners", include_str!("listeners.rs")),
         ("fdstore", include_str!("fdstore.rs")),
+        ("history", include_str!("history.rs")),
         ("logs", include_str!("logs.rs")),
         ("logread", include_str!("logread.rs")),
         ("worker", include_str!("worker.rs")),

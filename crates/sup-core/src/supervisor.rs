@@ -68,6 +68,7 @@ struct Shared {
     recorder: Arc<dyn Recorder>,
     base_env: Arc<Vec<(String, String)>>,
     notify_dir: PathBuf,
+    history_dir: PathBuf,
     log_dir: PathBuf,
 }
 
@@ -111,7 +112,8 @@ impl Supervisor {
         let spawner = Spawner::start(reaper).map_err(|e| StartError::Setup(format!("cannot start spawner: {e}")))?;
         let base_env: Arc<Vec<(String, String)>> =
             Arc::new(std::env::vars().filter(|(k, _)| !OWN_VARS.contains(&k.as_str())).collect());
-        let shared = Shared { spawner, recorder, base_env, notify_dir, log_dir: sc.log_dir.clone() };
+        let history_dir = sc.run_dir.join("history");
+        let shared = Shared { spawner, recorder, base_env, notify_dir, history_dir, log_dir: sc.log_dir.clone() };
         let mut apps = Vec::new();
         for cfg in &config.apps {
             apps.push(shared.new_app(cfg.clone())?);
@@ -224,7 +226,12 @@ impl Supervisor {
     }
 
     /// Re-reads the configuration file and rolls the named apps onto it (validation happens before anything changes).
-    pub async fn reload(&self, req: &ActionRequest, progress: Progress) -> Result<ActionResponse, ApiError> {
+    pub async fn reload(
+        &self,
+        req: &ActionRequest,
+        uid: Option<u32>,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
         self.refuse_if_closing()?;
         let targets = self.targets(&req.app, req.all)?;
         let config = self.read_config().await?;
@@ -244,10 +251,30 @@ impl Supervisor {
                 continue;
             };
             let (wait, progress) = (req.wait, progress.clone());
-            tasks.push(tokio::spawn(async move { app.reload(cfg, RestartReason::Reload, wait, progress).await }));
+            tasks.push(tokio::spawn(async move { app.reload(cfg, RestartReason::Reload, uid, wait, progress).await }));
         }
         results.extend(join(tasks).await);
         Ok(ActionResponse { results })
+    }
+
+    /// Rolls an app back onto an earlier version.
+    pub async fn rollback(
+        &self,
+        app: &str,
+        to: Option<u64>,
+        uid: Option<u32>,
+        wait: bool,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
+        self.refuse_if_closing()?;
+        let app = self.find(app)?;
+        Ok(ActionResponse { results: vec![app.rollback(to, uid, wait, progress).await] })
+    }
+
+    /// An app's version history.
+    pub fn history(&self, app: &str) -> Result<sup_proto::HistoryResponse, ApiError> {
+        let app = self.find(app)?;
+        Ok(sup_proto::HistoryResponse { app: app.name.clone(), history: app.history() })
     }
 
     /// Changes an app's number of instances.
@@ -269,7 +296,7 @@ impl Supervisor {
 
     /// Re-reads the whole file and applies the difference: new apps start,
     /// removed ones stop, changed ones roll. An invalid file changes nothing.
-    pub async fn apply(&self, progress: Progress) -> Result<ActionResponse, ApiError> {
+    pub async fn apply(&self, uid: Option<u32>, progress: Progress) -> Result<ActionResponse, ApiError> {
         self.refuse_if_closing()?;
         let _serial = self.apply.lock().await;
         self.refuse_if_closing()?;
@@ -336,7 +363,7 @@ impl Supervisor {
                         }
                         continue;
                     }
-                    tasks.push(tokio::spawn(apply_change(app, current, cfg, progress)));
+                    tasks.push(tokio::spawn(apply_change(app, current, cfg, uid, progress)));
                 }
             }
         }
@@ -418,12 +445,19 @@ impl Shared {
             base_env: self.base_env.clone(),
             recorder: self.recorder.clone(),
         });
-        App::new(ctx, cfg)
+        let history = crate::history::History::load(&self.history_dir, &cfg.name, cfg.history_limit);
+        App::new(ctx, cfg, history)
     }
 }
 
 /// Scales and/or rolls an existing app onto its changed configuration.
-async fn apply_change(app: Arc<App>, current: AppConfig, cfg: AppConfig, progress: Progress) -> AppResult {
+async fn apply_change(
+    app: Arc<App>,
+    current: AppConfig,
+    cfg: AppConfig,
+    uid: Option<u32>,
+    progress: Progress,
+) -> AppResult {
     let mut messages = Vec::new();
     if current.instances != cfg.instances {
         let r = app.scale(cfg.instances, true, progress.clone()).await;
@@ -435,7 +469,7 @@ async fn apply_change(app: Arc<App>, current: AppConfig, cfg: AppConfig, progres
     let mut rest = current.clone();
     rest.instances = cfg.instances;
     if rest != cfg {
-        let r = app.reload(cfg, RestartReason::Config, true, progress).await;
+        let r = app.reload(cfg, RestartReason::Config, uid, true, progress).await;
         if !r.ok {
             return r;
         }

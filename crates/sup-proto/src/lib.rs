@@ -169,6 +169,55 @@ pub struct ActionRequest {
     pub wait: bool,
 }
 
+/// Body of `POST /v1/rollback`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The app.
+    pub app: String,
+    /// The version to go back to; default: the last successful one before the current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<u64>,
+    /// Wait for a running operation instead of answering "busy".
+    #[serde(default)]
+    pub wait: bool,
+}
+
+/// One version of an app, as `supctl history` lists it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The version number.
+    pub version: u64,
+    /// What made it: `start`, `reload`, `apply`, `cron`, `rollback`.
+    pub trigger: String,
+    /// `ok`, `rolled_back` (a new worker failed; the slots went back), `failed`, or `cancelled` (by a stop).
+    pub result: String,
+    /// The pinned release directory.
+    #[serde(default)]
+    pub release: Option<String>,
+    /// When the rollout started, RFC 3339.
+    pub at: String,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// Who asked, from the control socket's peer credentials (none for supd's own triggers).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// What happened, in words (the failed slot and its reason).
+    pub message: String,
+    /// A digest of the app's table (environment values included), to tell versions apart.
+    #[serde(default)]
+    pub digest: String,
+}
+
+/// Answer to `GET /v1/history?app=APP`, newest last.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    /// The app.
+    pub app: String,
+    /// Its last `history_limit` versions, oldest first.
+    pub history: Vec<HistoryEntry>,
+}
+
 /// Body of `POST /v1/scale`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -107,6 +107,25 @@ enum Command {
     Restart(Target),
     /// Zero-downtime rolling reload: re-read the app's configuration, start a new worker per slot, wait until it is ready, then drain the old one. Rolls back and exits 1 if a new worker fails.
     Reload(Target),
+    /// Roll an app back, with zero downtime, onto an earlier version's pinned table and release (default: the last successful version before the current). Exits 1 if it fails.
+    Rollback {
+        /// The app.
+        app: String,
+        /// The version to go back to (see `supctl history`).
+        #[arg(long, value_name = "VERSION")]
+        to: Option<u64>,
+        /// Wait for an operation in progress instead of failing with "busy".
+        #[arg(long)]
+        wait: bool,
+    },
+    /// An app's last versions: when, why, by whom, which release, and how each rollout ended.
+    History {
+        /// The app.
+        app: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Change the number of instances of an app, without dropping requests.
     Scale {
         /// The app.
@@ -253,6 +272,18 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         Command::Stop(t) => action(&client, "stop", t),
         Command::Restart(t) => action(&client, "restart", t),
         Command::Reload(t) => rollout(&client, "/v1/reload", &ActionRequest { app: t.app, all: t.all, wait: t.wait }),
+        Command::Rollback { app, to, wait } => {
+            rollout(&client, "/v1/rollback", &sup_proto::RollbackRequest { app, to, wait })
+        }
+        Command::History { app, json } => {
+            let h: sup_proto::HistoryResponse = client.get(&format!("/v1/history?app={app}"))?;
+            if json {
+                output::print_json(&h);
+            } else {
+                output::print_history(&h);
+            }
+            Ok(exit::OK)
+        }
         Command::Scale { app, instances, wait } => {
             rollout(&client, "/v1/scale", &ScaleRequest { app, instances, wait })
         }

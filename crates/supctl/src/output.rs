@@ -77,6 +77,37 @@ pub fn print_status(s: &StatusResponse) {
     }
 }
 
+/// Prints an app's version history, oldest first.
+pub fn print_history(h: &sup_proto::HistoryResponse) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<8} {:<24} {:<9} {:<12} {:>9} {:<6} RELEASE",
+        "VERSION", "AT", "TRIGGER", "RESULT", "TOOK", "UID"
+    );
+    for e in &h.history {
+        let took = uptime(e.duration_ms).to_string();
+        let uid = e.uid.map_or("-".into(), |u| u.to_string());
+        let release = e.release.as_deref().unwrap_or("-");
+        if writeln!(
+            out,
+            "{:<8} {:<24} {:<9} {:<12} {:>9} {:<6} {release}",
+            e.version, e.at, e.trigger, e.result, took, uid
+        )
+        .is_err()
+        {
+            return;
+        }
+        if e.result != "ok" && !e.message.is_empty() {
+            let first = e.message.lines().next().unwrap_or("");
+            let _ = writeln!(out, "         {first}");
+        }
+    }
+    if h.history.is_empty() {
+        let _ = writeln!(out, "no versions recorded for `{}` yet", h.app);
+    }
+}
+
 /// `812K`, `41.2M`, `1.5G`.
 pub fn bytes(b: u64) -> String {
     let b = b as f64;

@@ -261,7 +261,7 @@ async fn apply_config(sup: &Supervisor) -> String {
             tracing::info!("config apply: {ev:?}");
         }
     });
-    let outcome = match sup.apply(tx).await {
+    let outcome = match sup.apply(None, tx).await {
         Ok(r) => {
             let mut failed = Vec::new();
             for res in r.results {

@@ -132,7 +132,6 @@ mod tests {
             h.record(entry(v, "ok"));
         }
         h.record(entry(5, "rolled_back"));
-        let path = dir.path().join("web.json");
         // Written off the loop: wait for the file to show the last entry.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
@@ -144,8 +143,9 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "history never written");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        std::fs::write(&path, b"{ not json").unwrap();
-        let fresh = History::load(dir.path(), "web", 3);
+        // Another app's file, so no write of `h` still under way can mend it.
+        std::fs::write(dir.path().join("api.json"), b"{ not json").unwrap();
+        let fresh = History::load(dir.path(), "api", 3);
         assert!(fresh.entries().is_empty());
         let aside: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()

@@ -249,3 +249,63 @@ fn rollback_goes_to_the_pinned_release_under_load_and_history_survives_a_restart
     assert_eq!(history(&d)[..4], want[..]);
     assert!(d.instances("web").iter().all(|i| i.version == 5), "{:?}", d.instances("web"));
 }
+
+fn canary_app(port: u16, gen: u32) -> String {
+    format!(
+        "[apps.web]\ncommand = [\"{}\", \"--start-delay\", \"200ms\"]\ninstances = 4\nready = \"notify\"\nmin_healthy_time = \"300ms\"\nlisten = [\"127.0.0.1:{port}\"]\nenv = {{ GEN = \"{gen}\" }}\n",
+        demo()
+    )
+}
+
+fn on_version(d: &Daemon, v: u64) -> usize {
+    d.instances("web").iter().filter(|i| i.version == v && i.state == WorkerState::Ready).count()
+}
+
+fn canary_text(d: &Daemon) -> Option<String> {
+    d.status().apps.into_iter().find(|a| a.name == "web").and_then(|a| a.canary)
+}
+
+#[test]
+fn a_canary_pauses_on_one_slot_and_promote_rolls_the_rest() {
+    let port = free_port();
+    let d = Daemon::start(&canary_app(port, 1));
+    d.wait_ready("web", 4);
+    rewrite(&d, &canary_app(port, 2));
+    let out = d.supctl(&["reload", "web", "--canary", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("canary: 1 of 4"), "{text}");
+    assert_eq!(on_version(&d, 2), 1);
+    assert_eq!(on_version(&d, 1), 3);
+    assert!(canary_text(&d).is_some_and(|c| c.starts_with("1 of 4 on version 2")), "{:?}", canary_text(&d));
+    // Another reload waits for the canary to be decided.
+    let out = d.supctl(&["reload", "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("promote"));
+    let out = d.supctl(&["promote", "web"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(on_version(&d, 2), 4);
+    assert_eq!(canary_text(&d), None);
+}
+
+#[test]
+fn a_canary_that_crashes_while_paused_is_put_back_and_the_canary_fails() {
+    let port = free_port();
+    let d = Daemon::start(&canary_app(port, 1));
+    d.wait_ready("web", 4);
+    rewrite(&d, &canary_app(port, 2));
+    let out = d.supctl(&["reload", "web", "--canary", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let canary = d.instances("web").into_iter().find(|i| i.version == 2).expect("a canary");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(canary.pid.expect("pid") as i32, libc::SIGKILL) };
+    wait_until("every slot back on version 1, the canary ended", DEADLINE, || {
+        (on_version(&d, 1) == 4 && canary_text(&d).is_none()).then_some(())
+    });
+    let out = d.supctl(&["history", "web", "--json"]);
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).expect("history");
+    let v2 = h["history"].as_array().expect("entries").iter().find(|e| e["version"] == 2).cloned().expect("v2");
+    assert_eq!(v2["result"], "failed", "{v2}");
+    let out = d.supctl(&["promote", "web"]);
+    assert_eq!(out.status.code(), Some(1), "nothing to promote");
+}

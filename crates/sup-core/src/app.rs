@@ -68,6 +68,15 @@ struct Inner {
     removed: bool,
     // The highest version number given out: a failed version keeps its number.
     last_version: u64,
+    // A paused canary: some slots on a new version, waiting for promote or rollback.
+    canary: Option<Canary>,
+}
+
+/// A paused canary rollout.
+struct Canary {
+    from: Arc<AppSpec>,
+    to: Arc<AppSpec>,
+    slots: Vec<u32>,
 }
 
 /// Where a rollout reports its progress.
@@ -118,7 +127,15 @@ impl App {
         Ok(Arc::new(App {
             name: spec.cfg.name.clone(),
             ctx,
-            inner: Mutex::new(Inner { spec, slots, sockets, fence: 0, removed: false, last_version: version }),
+            inner: Mutex::new(Inner {
+                spec,
+                slots,
+                sockets,
+                fence: 0,
+                removed: false,
+                last_version: version,
+                canary: None,
+            }),
             op: Arc::default(),
             op_name: Mutex::new(None),
             history,
@@ -194,7 +211,14 @@ impl App {
             })
             .collect();
         let rollout = self.op_name.lock().unwrap_or_else(|e| e.into_inner()).map(str::to_string);
-        AppStatus { name: self.name.clone(), log_lines_lost: self.ctx.logs.lost(), instances, rollout }
+        // Read apart from the lock: `slots()` takes it too.
+        let versions = self.inner().canary.as_ref().map(|c| (c.to.version, c.from.version));
+        let canary = versions.map(|(to, from)| {
+            let slots = self.slots();
+            let on = slots.iter().filter(|s| s.view.borrow().version == to).count();
+            format!("{on} of {} on version {to} (from {from})", slots.len())
+        });
+        AppStatus { name: self.name.clone(), log_lines_lost: self.ctx.logs.lost(), instances, rollout, canary }
     }
 
     /// `cron_restart`: a rolling restart onto the app's current configuration,
@@ -310,19 +334,92 @@ impl App {
     /// Rolls every slot onto `cfg`, `reload_parallelism` at a time: each new
     /// worker must be ready before its old one drains. On the first failure the
     /// rollout stops and the slots already replaced go back to the previous version.
+    #[allow(clippy::too_many_arguments)]
     pub async fn reload(
         self: &Arc<Self>,
         cfg: AppConfig,
         reason: RestartReason,
         uid: Option<u32>,
+        canary: Option<u32>,
         wait: bool,
         progress: Progress,
     ) -> AppResult {
         let trigger = Trigger { kind: if reason == RestartReason::Config { "apply" } else { "reload" }, uid };
         self.run_op("reload", wait, move |app, fence| async move {
-            app.roll(cfg, None, reason, trigger, fence, &progress).await
+            app.roll_canary(cfg, None, reason, trigger, canary, fence, &progress).await
         })
         .await
+    }
+
+    /// Rolls the slots a paused canary has not reached onto its version.
+    pub async fn promote(self: &Arc<Self>, uid: Option<u32>, wait: bool, progress: Progress) -> AppResult {
+        self.run_op("promote", wait, move |app, fence| async move {
+            let t0 = (chrono::Utc::now(), Instant::now());
+            let Some(c) = app.inner().canary.take() else {
+                return app.fail(format!("no canary is paused on `{}`", app.name));
+            };
+            let all = app.slots();
+            let rest: Vec<SlotHandle> =
+                all.iter().filter(|s| s.view.borrow().version != c.to.version).cloned().collect();
+            let trigger = Trigger { kind: "promote", uid };
+            let r = match app.roll_spec(&c.to, &c.from, &rest, RestartReason::Reload, fence, &progress).await {
+                Ok(()) => {
+                    for s in &all {
+                        s.hold(None);
+                    }
+                    app.adopt(&c.to);
+                    app.ctx.recorder.rollout(&app.name, "reload", "success");
+                    app.record(&c.to, trigger, "ok", t0, "promoted");
+                    let n = all.len();
+                    app.result_ok(&format!("promoted: {n}/{n} instances on version {}", c.to.version))
+                }
+                Err((r, result)) => {
+                    // The canaries go back too: the version failed.
+                    let canaries: Vec<SlotHandle> = all
+                        .iter()
+                        .filter(|s| c.slots.contains(&s.slot) && s.view.borrow().version == c.to.version)
+                        .cloned()
+                        .collect();
+                    let _ = app.roll_spec(&c.from, &c.to, &canaries, RestartReason::Reload, fence, &progress).await;
+                    for s in &all {
+                        s.hold(None);
+                    }
+                    app.record(&c.to, trigger, result, t0, &r.message);
+                    r
+                }
+            };
+            r
+        })
+        .await
+    }
+
+    /// Watches a paused canary: when one of its slots leaves the canary
+    /// version (its worker crashed and the slot went back), the canary ends
+    /// failed and the other canaries go back too.
+    fn watch_canary(self: &Arc<Self>, version: u64, slots: Vec<SlotHandle>) {
+        let app = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut set = tokio::task::JoinSet::new();
+            for s in slots {
+                let mut view = s.view.clone();
+                set.spawn(async move { view.wait_for(|x| x.version != version).await.is_ok() });
+            }
+            let mut left = false;
+            while let Some(r) = set.join_next().await {
+                if r.unwrap_or(false) {
+                    left = true;
+                    break;
+                }
+            }
+            let Some(app) = app.upgrade() else { return };
+            let still = app.inner().canary.as_ref().is_some_and(|c| c.to.version == version);
+            if left && still {
+                tracing::warn!(app = %app.name, version, "a canary crashed and went back; the canary failed");
+                let (tx, _rx) = mpsc::unbounded_channel();
+                let r = app.rollback_canary(None, true, tx, "failed").await;
+                tracing::warn!(app = %app.name, "canary of version {version} put back: {}", r.message);
+            }
+        });
     }
 
     /// Rolls back onto version `to`, or the last successful one before the
@@ -335,6 +432,9 @@ impl App {
         wait: bool,
         progress: Progress,
     ) -> AppResult {
+        if to.is_none() && self.inner().canary.is_some() {
+            return self.rollback_canary(uid, wait, progress, "rolled_back").await;
+        }
         self.run_op("rollback", wait, move |app, fence| async move {
             let current = app.spec().version;
             let target = {
@@ -362,6 +462,43 @@ impl App {
             if r.ok {
                 r.message = format!("{} (rollback to version {})", r.message, target.version);
             }
+            r
+        })
+        .await
+    }
+
+    /// Puts a paused canary's slots back on the version they replaced.
+    async fn rollback_canary(
+        self: &Arc<Self>,
+        uid: Option<u32>,
+        wait: bool,
+        progress: Progress,
+        result: &'static str,
+    ) -> AppResult {
+        self.run_op("rollback", wait, move |app, fence| async move {
+            let t0 = (chrono::Utc::now(), Instant::now());
+            let Some(c) = app.inner().canary.take() else {
+                return app.fail(format!("no canary is paused on `{}`", app.name));
+            };
+            let all = app.slots();
+            let canaries: Vec<SlotHandle> =
+                all.iter().filter(|s| s.view.borrow().version == c.to.version).cloned().collect();
+            let back = app.roll_spec(&c.from, &c.to, &canaries, RestartReason::Reload, fence, &progress).await;
+            for s in &all {
+                s.hold(None);
+            }
+            let r = match back {
+                Ok(()) => app.result_ok(&format!(
+                    "canary of version {} ended: {} slot(s) put back on version {}",
+                    c.to.version,
+                    c.slots.len(),
+                    c.from.version
+                )),
+                Err((r, _)) => r,
+            };
+            app.ctx.recorder.rollout(&app.name, "reload", "rolled_back");
+            app.record(&c.to, Trigger { kind: "reload", uid }, result, t0, &r.message);
+            let _ = app.history.entries();
             r
         })
         .await
@@ -415,8 +552,23 @@ impl App {
         fence: u64,
         progress: &Progress,
     ) -> AppResult {
+        self.roll_canary(cfg, release, reason, trigger, None, fence, progress).await
+    }
+
+    /// [`App::roll`], stopping after `canary` slots when given.
+    #[allow(clippy::too_many_arguments)]
+    async fn roll_canary(
+        self: &Arc<Self>,
+        cfg: AppConfig,
+        release: Option<Release>,
+        reason: RestartReason,
+        trigger: Trigger,
+        canary: Option<u32>,
+        fence: u64,
+        progress: &Progress,
+    ) -> AppResult {
         let t0 = (chrono::Utc::now(), Instant::now());
-        let (r, tried) = self.roll_version(cfg, release, reason, fence, progress).await;
+        let (r, tried) = self.roll_version(cfg, release, reason, canary, fence, progress).await;
         if let Some((spec, result)) = tried {
             self.record(&spec, trigger, result, t0, &r.message);
         }
@@ -424,16 +576,28 @@ impl App {
     }
 
     /// One rollout; returns its answer and the version it tried with how that ended.
+    #[allow(clippy::too_many_arguments)]
     async fn roll_version(
         self: &Arc<Self>,
         cfg: AppConfig,
         release: Option<Release>,
         reason: RestartReason,
+        canary: Option<u32>,
         fence: u64,
         progress: &Progress,
     ) -> (AppResult, Option<(Arc<AppSpec>, &'static str)>) {
         let old = self.spec();
         let kind = reason_kind(reason);
+        let paused = self.inner().canary.as_ref().map(|c| c.to.version);
+        if let Some(version) = paused {
+            return (
+                self.fail(format!(
+                    "a canary of version {version} is paused on `{app}`: `supctl promote {app}` or `supctl rollback {app}` first",
+                    app = self.name
+                )),
+                None,
+            );
+        }
         if cfg.listen != old.cfg.listen || cfg.listen_backlog != old.cfg.listen_backlog {
             return (
                 self.fail("listen addresses changed: `supctl config apply` re-creates the app's sockets".into()),
@@ -453,7 +617,63 @@ impl App {
             inner.last_version
         };
         let new = Arc::new(AppSpec { cfg, version, release: Some(release) });
-        let slots = self.slots();
+        let all = self.slots();
+        let targets: Vec<SlotHandle> = match canary {
+            Some(n) => all.iter().take(n as usize).cloned().collect(),
+            None => all.clone(),
+        };
+        if let Err((r, result)) = self.roll_spec(&new, &old, &targets, reason, fence, progress).await {
+            return (r, Some((new, result)));
+        }
+        let n = targets.len();
+        if canary.is_some() && n < all.len() {
+            // Paused: the canaries run the new version, the rest the old one.
+            // A canary that crashes now goes back to the old version by itself.
+            for s in &targets {
+                s.hold(Some(old.clone()));
+            }
+            self.inner().canary =
+                Some(Canary { from: old.clone(), to: new.clone(), slots: targets.iter().map(|s| s.slot).collect() });
+            self.watch_canary(new.version, targets);
+            let m = all.len();
+            return (
+                self.result_ok(&format!(
+                    "canary: {n} of {m} instances on version {}; `supctl promote {app}` rolls the rest, `supctl rollback {app}` puts them back",
+                    new.version,
+                    app = self.name
+                )),
+                Some((new, "canary")),
+            );
+        }
+        self.adopt(&new);
+        self.ctx.recorder.rollout(&self.name, kind, "success");
+        (self.result_ok(&format!("rolled {n}/{n} instances to version {}", new.version)), Some((new, "ok")))
+    }
+
+    /// The app's version is now `new`: later starts, scales and restarts run it.
+    fn adopt(&self, new: &Arc<AppSpec>) {
+        let mut inner = self.inner();
+        let mut spec = AppSpec { cfg: new.cfg.clone(), version: new.version, release: new.release.clone() };
+        spec.cfg.instances = inner.slots.len() as u32;
+        inner.spec = Arc::new(spec);
+        drop(inner);
+        self.remember(&self.spec());
+    }
+
+    /// Replaces `targets` with `new`, `reload_parallelism` at a time; on the
+    /// first failure puts every slot already on `new` back on `old`. The error
+    /// carries the answer and the history result.
+    async fn roll_spec(
+        self: &Arc<Self>,
+        new: &Arc<AppSpec>,
+        old: &Arc<AppSpec>,
+        targets: &[SlotHandle],
+        reason: RestartReason,
+        fence: u64,
+        progress: &Progress,
+    ) -> Result<(), (AppResult, &'static str)> {
+        let kind = reason_kind(reason);
+        let slots = targets;
         let _ = progress.send(RolloutEvent::Started {
             app: self.name.clone(),
             kind: kind.into(),
@@ -499,21 +719,8 @@ impl App {
             }
         }
         let (slot, why) = match failure {
-            None => {
-                let mut inner = self.inner();
-                let mut spec = AppSpec { cfg: new.cfg.clone(), version: new.version, release: new.release.clone() };
-                spec.cfg.instances = inner.slots.len() as u32;
-                inner.spec = Arc::new(spec);
-                drop(inner);
-                let n = slots.len();
-                self.ctx.recorder.rollout(&self.name, kind, "success");
-                self.remember(&self.spec());
-                return (
-                    self.result_ok(&format!("rolled {n}/{n} instances to version {}", new.version)),
-                    Some((new, "ok")),
-                );
-            }
-            Some((_, SlotError::Cancelled)) => return (self.cancelled(kind), Some((new, "cancelled"))),
+            None => return Ok(()),
+            Some((_, SlotError::Cancelled)) => return Err((self.cancelled(kind), "cancelled")),
             Some(f) => f,
         };
         // Every slot that now runs (or tries to run) the new version goes back.
@@ -523,7 +730,7 @@ impl App {
             let _ = progress.send(RolloutEvent::RollingBack { app: self.name.clone(), slots: ids.clone() });
         }
         let pending: Vec<_> =
-            touched.iter().map(|s| (s.slot, s.replace(old.clone(), reason, fence, Duration::ZERO))).collect();
+            touched.iter().map(|s| (s.slot, s.replace((*old).clone(), reason, fence, Duration::ZERO))).collect();
         let mut back_failures = Vec::new();
         let mut cancelled = false;
         for (s, fut) in pending {
@@ -538,7 +745,7 @@ impl App {
             let _ = progress.send(RolloutEvent::SlotRolledBack { app: self.name.clone(), slot: s, ok, message });
         }
         if cancelled {
-            return (self.cancelled(kind), Some((new, "cancelled")));
+            return Err((self.cancelled(kind), "cancelled"));
         }
         self.ctx.recorder.rollout(&self.name, kind, "rolled_back");
         let mut message = format!(
@@ -551,7 +758,7 @@ impl App {
             message.push_str(&format!("\nslots {back_failures:?} could not be put back; see `supctl status`"));
         }
         let result = if back_failures.is_empty() { "rolled_back" } else { "failed" };
-        (self.fail(message), Some((new, result)))
+        Err((self.fail(message), result))
     }
 
     fn cancelled(&self, kind: &str) -> AppResult {

@@ -430,7 +430,9 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
             Some(Ok(h)) => json(StatusCode::OK, &h),
         };
     }
-    if !["/start", "/stop", "/restart", "/reload", "/rollback", "/scale", "/config/apply"].contains(&rest.as_str()) {
+    if !["/start", "/stop", "/restart", "/reload", "/rollback", "/promote", "/scale", "/config/apply"]
+        .contains(&rest.as_str())
+    {
         return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`"));
     }
     if req.method() != Method::POST {
@@ -462,6 +464,16 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
                 Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
             };
             stream(move |p| async move { sup.reload(&action, peer.uid, p).await }).await
+        }
+        "/promote" => {
+            let action: ActionRequest = match parse(&body) {
+                Ok(a) => a,
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+            };
+            let Some(app) = action.app.clone() else {
+                return error(StatusCode::BAD_REQUEST, "bad_request", "give `app`");
+            };
+            stream(move |p| async move { sup.promote(&app, peer.uid, action.wait, p).await }).await
         }
         "/rollback" => {
             let rb: sup_proto::RollbackRequest = match parse(&body) {

@@ -148,6 +148,9 @@ enum SlotCmd {
     MemoryExceeded {
         pid: i32,
     },
+    Hold {
+        prev: Option<Arc<AppSpec>>,
+    },
 }
 
 /// Cheap handle to a slot task.
@@ -209,6 +212,11 @@ impl SlotHandle {
         let (reply, rx) = oneshot::channel();
         self.send(SlotCmd::Signal { sig, reply });
         async move { rx.await.unwrap_or(false) }
+    }
+
+    /// While a canary is paused: the version a crash sends the slot back to (`None` ends it).
+    pub fn hold(&self, prev: Option<Arc<AppSpec>>) {
+        self.send(SlotCmd::Hold { prev });
     }
 
     /// The monitor saw worker `pid` over its memory limit for the configured samples.
@@ -294,6 +302,8 @@ struct SlotTask {
     crashes: VecDeque<Instant>,
     mem_attempt: u32,
     mem_not_before: Option<Instant>,
+    // A paused canary's previous version: a crash restarts that, not the canary.
+    fallback: Option<Arc<AppSpec>>,
     last_restart_reason: Option<RestartReason>,
     status_text: Option<String>,
     events_tx: mpsc::UnboundedSender<WorkerEvent>,
@@ -337,6 +347,7 @@ pub fn spawn_slot(slot: u32, env: Arc<dyn SlotEnv>, spec: Arc<AppSpec>, fence: u
         crashes: VecDeque::new(),
         mem_attempt: 0,
         mem_not_before: None,
+        fallback: None,
         last_restart_reason: None,
         status_text: None,
         events_tx,
@@ -463,6 +474,7 @@ impl SlotTask {
                 let _ = reply.send(self.state.worker().map(|w| w.signal(sig)).is_some());
             }
             SlotCmd::MemoryExceeded { pid } => self.on_memory(pid).await,
+            SlotCmd::Hold { prev } => self.fallback = prev,
         }
     }
 
@@ -779,6 +791,18 @@ impl SlotTask {
                 self.spec = prev;
                 self.attempt = 0;
             }
+        }
+        if let Some(prev) = self.fallback.take().filter(|_| !was_stopping) {
+            tracing::warn!(
+                app = self.app(),
+                slot = self.slot,
+                pid,
+                "canary {what}: back on version {} from version {}",
+                prev.version,
+                self.spec.version
+            );
+            self.spec = prev;
+            self.attempt = 0;
         }
         if was_stopping {
             self.set_state(

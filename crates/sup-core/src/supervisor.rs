@@ -233,6 +233,12 @@ impl Supervisor {
         progress: Progress,
     ) -> Result<ActionResponse, ApiError> {
         self.refuse_if_closing()?;
+        if req.canary.is_some() && req.all {
+            return Err(ApiError::BadRequest("`canary` works on one app, not `all`".into()));
+        }
+        if req.canary == Some(0) {
+            return Err(ApiError::BadRequest("`canary` must be at least 1".into()));
+        }
         let targets = self.targets(&req.app, req.all)?;
         let config = self.read_config().await?;
         let mut tasks = Vec::new();
@@ -250,8 +256,10 @@ impl Supervisor {
                 });
                 continue;
             };
-            let (wait, progress) = (req.wait, progress.clone());
-            tasks.push(tokio::spawn(async move { app.reload(cfg, RestartReason::Reload, uid, wait, progress).await }));
+            let (wait, canary, progress) = (req.wait, req.canary, progress.clone());
+            tasks.push(tokio::spawn(async move {
+                app.reload(cfg, RestartReason::Reload, uid, canary, wait, progress).await
+            }));
         }
         results.extend(join(tasks).await);
         Ok(ActionResponse { results })
@@ -269,6 +277,19 @@ impl Supervisor {
         self.refuse_if_closing()?;
         let app = self.find(app)?;
         Ok(ActionResponse { results: vec![app.rollback(to, uid, wait, progress).await] })
+    }
+
+    /// Rolls the rest of an app's paused canary.
+    pub async fn promote(
+        &self,
+        app: &str,
+        uid: Option<u32>,
+        wait: bool,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
+        self.refuse_if_closing()?;
+        let app = self.find(app)?;
+        Ok(ActionResponse { results: vec![app.promote(uid, wait, progress).await] })
     }
 
     /// An app's version history.
@@ -469,7 +490,7 @@ async fn apply_change(
     let mut rest = current.clone();
     rest.instances = cfg.instances;
     if rest != cfg {
-        let r = app.reload(cfg, RestartReason::Config, uid, true, progress).await;
+        let r = app.reload(cfg, RestartReason::Config, uid, None, true, progress).await;
         if !r.ok {
             return r;
         }

@@ -112,6 +112,9 @@ pub struct AppStatus {
     /// A rollout in progress, if any (e.g. "reload").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<String>,
+    /// A paused canary, e.g. "1 of 4 on version 5 (from 4)".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<String>,
 }
 
 /// Status of one instance slot.
@@ -167,6 +170,9 @@ pub struct ActionRequest {
     /// When another operation runs on the app, wait for it instead of answering "busy".
     #[serde(default)]
     pub wait: bool,
+    /// `reload` only: replace this many slots, then pause as a canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<u32>,
 }
 
 /// Body of `POST /v1/rollback`.
@@ -389,6 +395,7 @@ mod tests {
                 name: "web".into(),
                 log_lines_lost: 0,
                 rollout: None,
+                canary: None,
                 instances: vec![InstanceStatus {
                     slot: 0,
                     pid: Some(42),

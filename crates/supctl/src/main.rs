@@ -106,7 +106,21 @@ enum Command {
     /// Stop then start an app (use reload for zero downtime).
     Restart(Target),
     /// Zero-downtime rolling reload: re-read the app's configuration, start a new worker per slot, wait until it is ready, then drain the old one. Rolls back and exits 1 if a new worker fails.
-    Reload(Target),
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// Replace only the first N slots (each through its health window), then pause as a canary: `promote` rolls the rest, `rollback` puts them back.
+        #[arg(long, value_name = "N", conflicts_with = "all", value_parser = clap::value_parser!(u32).range(1..))]
+        canary: Option<u32>,
+    },
+    /// Roll the rest of an app's paused canary onto its version.
+    Promote {
+        /// The app.
+        app: String,
+        /// Wait for an operation in progress instead of failing with "busy".
+        #[arg(long)]
+        wait: bool,
+    },
     /// Roll an app back, with zero downtime, onto an earlier version's pinned table and release (default: the last successful version before the current). Exits 1 if it fails.
     Rollback {
         /// The app.
@@ -271,7 +285,12 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         Command::Start(t) => action(&client, "start", t),
         Command::Stop(t) => action(&client, "stop", t),
         Command::Restart(t) => action(&client, "restart", t),
-        Command::Reload(t) => rollout(&client, "/v1/reload", &ActionRequest { app: t.app, all: t.all, wait: t.wait }),
+        Command::Reload { target: t, canary } => {
+            rollout(&client, "/v1/reload", &ActionRequest { app: t.app, all: t.all, wait: t.wait, canary })
+        }
+        Command::Promote { app, wait } => {
+            rollout(&client, "/v1/promote", &ActionRequest { app: Some(app), all: false, wait, canary: None })
+        }
         Command::Rollback { app, to, wait } => {
             rollout(&client, "/v1/rollback", &sup_proto::RollbackRequest { app, to, wait })
         }
@@ -294,7 +313,7 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
 }
 
 fn action(client: &Client, verb: &str, t: Target) -> Result<i32, ClientError> {
-    let req = ActionRequest { app: t.app, all: t.all, wait: t.wait };
+    let req = ActionRequest { app: t.app, all: t.all, wait: t.wait, canary: None };
     let resp: ActionResponse = client.post(&format!("/v1/{verb}"), &req)?;
     for r in &resp.results {
         let mark = if r.ok { "ok" } else { "FAILED" };

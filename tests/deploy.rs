@@ -309,3 +309,66 @@ fn a_canary_that_crashes_while_paused_is_put_back_and_the_canary_fails() {
     let out = d.supctl(&["promote", "web"]);
     assert_eq!(out.status.code(), Some(1), "nothing to promote");
 }
+
+#[test]
+fn a_failed_deploy_shows_in_the_metrics_and_in_the_event_stream() {
+    let (port, mport) = (free_port(), free_port());
+    let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("temp dir");
+    let head = format!(
+        "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\nmetrics = \"127.0.0.1:{mport}\"\n\n"
+    );
+    let config = dir.path().join("supervisor.toml");
+    std::fs::write(&config, format!("{head}{}", canary_app(port, 1))).expect("config");
+    let socket = dir.path().join("run/control.sock");
+    let d = Daemon::start_with(dir, config.clone(), socket);
+    d.wait_ready("web", 4);
+    let mut events = d.supctl_bg(&["events", "-f", "--json"]);
+    let mut stdout = std::io::BufReader::new(events.stdout.take().expect("stdout"));
+    // A release that dies right after it is ready.
+    std::fs::write(
+        &config,
+        format!(
+            "{head}[apps.web]\ncommand = [\"{}\", \"--start-delay\", \"200ms\", \"--exit-after\", \"500ms\"]\ninstances = 4\nready = \"notify\"\nmin_healthy_time = \"2s\"\nlisten = [\"127.0.0.1:{port}\"]\n",
+            demo()
+        ),
+    )
+    .expect("config");
+    let out = d.supctl(&["reload", "web"]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stdout));
+    let mut kinds = Vec::new();
+    let t0 = Instant::now();
+    while !kinds.iter().any(|k| k == "rollout_failed") {
+        assert!(t0.elapsed() < DEADLINE, "no rollout_failed event; saw {kinds:?}");
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut stdout, &mut line).unwrap_or(0) == 0 {
+            panic!("the event stream ended; saw {kinds:?}");
+        }
+        let ev: serde_json::Value = serde_json::from_str(&line).expect("event JSON");
+        kinds.push(ev["kind"].as_str().unwrap_or("").to_string());
+    }
+    let _ = events.kill();
+    let _ = events.wait();
+    for k in ["rollout_started", "slot_failed", "crash", "rollout_failed"] {
+        assert!(kinds.iter().any(|x| x == k), "no `{k}` event in {kinds:?}");
+    }
+    let (code, body) = http_get(mport, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("valid exposition");
+    let value = |metric: &str, label: (&str, &str)| {
+        scrape
+            .samples
+            .iter()
+            .filter(|x| x.metric == metric && x.labels.get(label.0) == Some(label.1))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum::<f64>()
+    };
+    assert_eq!(value("sup_rollouts_total", ("result", "rolled_back")), 1.0, "{body}");
+    assert_eq!(value("sup_rollout_duration_seconds_count", ("result", "rolled_back")), 1.0, "{body}");
+    assert!(value("sup_last_rollout_timestamp_seconds", ("result", "rolled_back")) > 1.7e9, "{body}");
+    assert_eq!(value("sup_app_version", ("app", "web")), 1.0, "the app still runs version 1: {body}");
+}

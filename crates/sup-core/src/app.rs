@@ -54,6 +54,10 @@ impl SlotEnv for WorkerEnv {
     fn on_restart(&self, reason: RestartReason) {
         self.ctx.recorder.restart(&self.ctx.app, reason);
     }
+
+    fn on_event(&self, slot: u32, kind: &str, message: String) {
+        self.ctx.events.publish(&self.ctx.app, Some(slot), kind, message);
+    }
 }
 
 struct Inner {
@@ -522,13 +526,29 @@ impl App {
         t0: (chrono::DateTime<chrono::Utc>, Instant),
         message: &str,
     ) {
+        let took = t0.1.elapsed();
+        let first = message.lines().next().unwrap_or("");
+        let kind = match (trigger.kind, result) {
+            ("start", _) => None,
+            (_, "canary") => Some("canary_paused"),
+            ("promote", "ok") => Some("promoted"),
+            (_, "ok") => Some("rollout_done"),
+            _ => Some("rollout_failed"),
+        };
+        if let Some(kind) = kind {
+            let what = format!("version {} ({}, {result}): {first}", spec.version, trigger.kind);
+            self.ctx.events.publish(&self.name, None, kind, what);
+            if result != "canary" {
+                self.ctx.recorder.rollout_took(&self.name, trigger.kind, result, took);
+            }
+        }
         self.history.record(HistoryEntry {
             version: spec.version,
             trigger: trigger.kind.into(),
             result: result.into(),
             release: spec.release.as_ref().map(|r| r.cwd.display().to_string()),
             at: t0.0.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            duration_ms: t0.1.elapsed().as_millis() as u64,
+            duration_ms: took.as_millis() as u64,
             uid: trigger.uid,
             message: message.into(),
             digest: digest(&spec.cfg),
@@ -674,6 +694,8 @@ impl App {
     ) -> Result<(), (AppResult, &'static str)> {
         let kind = reason_kind(reason);
         let slots = targets;
+        let msg = format!("{kind} of {} slot(s), version {} -> {}", slots.len(), old.version, new.version);
+        self.ctx.events.publish(&self.name, None, "rollout_started", msg);
         let _ = progress.send(RolloutEvent::Started {
             app: self.name.clone(),
             kind: kind.into(),
@@ -692,6 +714,8 @@ impl App {
             for (slot, fut) in pending {
                 match fut.await {
                     Ok(r) => {
+                        let msg = format!("pid {} on version {} (old pid {:?})", r.new_pid, new.version, r.old_pid);
+                        self.ctx.events.publish(&self.name, Some(slot), "slot_done", msg);
                         let _ = progress.send(RolloutEvent::SlotReplaced {
                             app: self.name.clone(),
                             slot,
@@ -702,6 +726,7 @@ impl App {
                         });
                     }
                     Err(e) => {
+                        self.ctx.events.publish(&self.name, Some(slot), "slot_failed", e.to_string());
                         let _ = progress.send(RolloutEvent::SlotFailed {
                             app: self.name.clone(),
                             slot,
@@ -728,6 +753,8 @@ impl App {
         let ids: Vec<u32> = touched.iter().map(|s| s.slot).collect();
         if !ids.is_empty() {
             let _ = progress.send(RolloutEvent::RollingBack { app: self.name.clone(), slots: ids.clone() });
+            let msg = format!("slots {ids:?} back to version {}", old.version);
+            self.ctx.events.publish(&self.name, None, "rolled_back", msg);
         }
         let pending: Vec<_> =
             touched.iter().map(|s| (s.slot, s.replace((*old).clone(), reason, fence, Duration::ZERO))).collect();

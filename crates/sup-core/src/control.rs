@@ -419,6 +419,13 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
         sup.reopen_logs();
         return json(StatusCode::OK, &ActionResponse::default());
     }
+    if rest == "/events" {
+        if req.method() != Method::GET {
+            return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/events");
+        }
+        let follow = req.uri().query().unwrap_or("").split('&').any(|kv| kv == "follow=1" || kv == "follow=true");
+        return events(&sup, follow, followers);
+    }
     if rest == "/history" {
         if req.method() != Method::GET {
             return error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET for /v1/history");
@@ -566,6 +573,75 @@ async fn logs(sup: &Supervisor, peer: Peer, followers: &Followers, query: &str) 
 }
 
 /// A follower's answer: its queue, one NDJSON line per message.
+/// `GET /v1/events[?follow=1]`: the last events, then (following) new ones as they come.
+fn events(sup: &Supervisor, follow: bool, followers: &Followers) -> Resp {
+    let line = |e: &sup_proto::LifecycleEvent| {
+        let mut b = serde_json::to_vec(e).unwrap_or_default();
+        b.push(b'\n');
+        b
+    };
+    // Subscribed before the past is read, so no event falls between the two.
+    let live = follow.then(|| sup.events.subscribe());
+    let past: Vec<u8> = sup.events.recent().iter().flat_map(line).collect();
+    let Some(mut rx) = live else { return ndjson_response(Full::new(Bytes::from(past)).boxed()) };
+    // Event followers share the log followers' places.
+    let Ok(place) = followers.0.clone().try_acquire_owned() else {
+        let message = format!("too many followers ({MAX_FOLLOWERS} open); stop one or try again later");
+        return error(StatusCode::SERVICE_UNAVAILABLE, "too_many_followers", message);
+    };
+    let (tx, body) = mpsc::channel::<Bytes>(crate::spec::EVENTS_KEPT);
+    let _ = tx.try_send(Bytes::from(past));
+    tokio::spawn(async move {
+        let mut skipped = 0u64;
+        loop {
+            let next = tokio::select! {
+                ev = rx.recv() => ev,
+                () = tx.closed() => break,
+            };
+            let bytes = match next {
+                Ok(e) if skipped == 0 => line(&e),
+                Ok(e) => {
+                    let note = sup_proto::LifecycleEvent {
+                        at: e.at.clone(),
+                        app: String::new(),
+                        slot: None,
+                        kind: "lagged".into(),
+                        message: format!("{skipped} events skipped: this follower fell behind"),
+                    };
+                    let mut b = line(&note);
+                    b.extend(line(&e));
+                    b
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    skipped += n;
+                    continue;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            match tx.try_send(Bytes::from(bytes)) {
+                Ok(()) => skipped = 0,
+                // Never buffered without bound: a follower that does not read loses events.
+                Err(mpsc::error::TrySendError::Full(_)) => skipped += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => break,
+            }
+        }
+        drop(place);
+    });
+    ndjson_response(BoxBody::new(EventsBody(body)))
+}
+
+/// A response body fed from a bounded channel.
+struct EventsBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for EventsBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
+    }
+}
+
 struct FollowBody(crate::logread::FollowReceiver);
 
 impl hyper::body::Body for FollowBody {

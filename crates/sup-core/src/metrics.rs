@@ -76,6 +76,20 @@ pub struct Metrics {
     worker_restarts: Family<Worker, Gauge>,
     log_lines_lost: Family<App, Gauge>,
     own_rss: Gauge,
+    rollout_seconds: Family<Rollout, Histogram, fn() -> Histogram>,
+    last_rollout: Family<LastRollout, FloatGauge>,
+    app_version: Family<App, Gauge>,
+}
+
+/// Labels of the time of an app's last rollout with a result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LastRollout {
+    app: String,
+    result: String,
+}
+
+fn rollout_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.1, 2.0, 12))
 }
 
 fn ready_histogram() -> Histogram {
@@ -103,6 +117,9 @@ impl Metrics {
             worker_restarts: Family::default(),
             log_lines_lost: Family::default(),
             own_rss: Gauge::default(),
+            rollout_seconds: Family::new_with_constructor(rollout_histogram),
+            last_rollout: Family::default(),
+            app_version: Family::default(),
             registry: Registry::default(),
         };
         registry.register("restarts", "Worker restarts and replacements, by reason", m.restarts.clone());
@@ -115,6 +132,17 @@ impl Metrics {
         registry.register("worker_restarts", "Restarts of the slot so far", m.worker_restarts.clone());
         registry.register("log_lines_lost", "Output lines that could not be written", m.log_lines_lost.clone());
         registry.register("supd_rss_bytes", "Resident memory of supd itself", m.own_rss.clone());
+        registry.register(
+            "rollout_duration_seconds",
+            "Duration of rollouts, by kind (reload, apply, cron, rollback, promote) and result",
+            m.rollout_seconds.clone(),
+        );
+        registry.register(
+            "last_rollout_timestamp_seconds",
+            "Unix time of the app's last rollout with each result",
+            m.last_rollout.clone(),
+        );
+        registry.register("app_version", "The version the app runs", m.app_version.clone());
         Metrics { registry, ..m }
     }
 
@@ -135,6 +163,15 @@ impl Recorder for Metrics {
         self.rollouts.get_or_create(&Rollout { app: app.to_string(), kind: kind.to_string(), result }).inc();
     }
 
+    fn rollout_took(&self, app: &str, trigger: &str, result: &str, duration: std::time::Duration) {
+        let labels = Rollout { app: app.to_string(), kind: trigger.to_string(), result: result.to_string() };
+        self.rollout_seconds.get_or_create(&labels).observe(duration.as_secs_f64());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        self.last_rollout
+            .get_or_create(&LastRollout { app: app.to_string(), result: result.to_string() })
+            .set(now.as_secs_f64());
+    }
+
     fn ready(&self, app: &str, ms: u64) {
         self.ready_seconds.get_or_create(&App { app: app.to_string() }).observe(ms as f64 / 1000.0);
     }
@@ -147,6 +184,10 @@ impl Metrics {
         }
         self.cpu_seconds.clear();
         self.state.clear();
+        self.app_version.clear();
+        for app in sup.apps() {
+            self.app_version.get_or_create(&App { app: app.name.clone() }).set(app.spec().version as i64);
+        }
         if let Ok(status) = sup.status(None) {
             for app in status.apps {
                 self.log_lines_lost.get_or_create(&App { app: app.name.clone() }).set(app.log_lines_lost as i64);

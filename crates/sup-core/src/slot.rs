@@ -120,6 +120,8 @@ pub trait SlotEnv: Send + Sync + 'static {
     fn on_ready(&self, ms: u64);
     /// A worker was restarted or replaced.
     fn on_restart(&self, reason: RestartReason);
+    /// A lifecycle event of this slot (`crash`, `memory`, `watchdog`, `canary_crashed`).
+    fn on_event(&self, _slot: u32, _kind: &str, _message: String) {}
 }
 
 enum SlotCmd {
@@ -571,6 +573,7 @@ impl SlotTask {
         self.mem_not_before = Some(now + cfg.backoff.delay(self.mem_attempt.saturating_add(1)));
         self.mem_attempt = self.mem_attempt.saturating_add(1);
         tracing::warn!(app = self.app(), slot = self.slot, pid, "over the memory limit: replacing the worker");
+        self.env.on_event(self.slot, "memory", format!("pid {pid} over its memory limit: replacing it"));
         self.replace(self.spec.clone(), RestartReason::Memory, Duration::ZERO, None).await;
     }
 
@@ -681,7 +684,9 @@ impl SlotTask {
             WorkerEventKind::WatchdogMissed => match &self.state {
                 // A hung worker serving nothing still gets a replacement
                 // ready before it is stopped.
-                State::Ready { .. } if self.next.is_none() => {
+                State::Ready { worker } if self.next.is_none() => {
+                    let msg = format!("pid {} missed its watchdog: replacing it", worker.pid);
+                    self.env.on_event(self.slot, "watchdog", msg);
                     self.replace(self.spec.clone(), RestartReason::Watchdog, Duration::ZERO, None).await
                 }
                 State::Starting { worker } => {
@@ -792,7 +797,15 @@ impl SlotTask {
                 self.attempt = 0;
             }
         }
+        if !was_stopping {
+            self.env.on_event(self.slot, "crash", format!("pid {pid} {what}"));
+        }
         if let Some(prev) = self.fallback.take().filter(|_| !was_stopping) {
+            self.env.on_event(
+                self.slot,
+                "canary_crashed",
+                format!("canary pid {pid} {what}; back on version {}", prev.version),
+            );
             tracing::warn!(
                 app = self.app(),
                 slot = self.slot,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use sup_config::AppConfig;
-use sup_proto::RestartReason;
+use sup_proto::{LifecycleEvent, RestartReason};
 
 /// A configuration as run by workers, with its version number.
 #[derive(Debug)]
@@ -50,6 +50,53 @@ pub struct Sample {
 /// Samples by (app, slot), written by the monitor, read by `status`.
 pub type Samples = Arc<Mutex<HashMap<(String, u32), Sample>>>;
 
+/// The lifecycle events of every app: the last few kept, and a live feed.
+#[derive(Clone)]
+pub struct Events {
+    tx: tokio::sync::broadcast::Sender<LifecycleEvent>,
+    recent: Arc<Mutex<std::collections::VecDeque<LifecycleEvent>>>,
+}
+
+/// Events kept for `supctl events` without `-f`, and the live feed's capacity per follower.
+pub const EVENTS_KEPT: usize = 256;
+
+impl Default for Events {
+    fn default() -> Self {
+        Events { tx: tokio::sync::broadcast::channel(EVENTS_KEPT).0, recent: Arc::default() }
+    }
+}
+
+impl Events {
+    /// Publishes an event (never blocks: a follower that lags loses events and is told so).
+    pub fn publish(&self, app: &str, slot: Option<u32>, kind: &str, message: String) {
+        let ev = LifecycleEvent {
+            at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            app: app.to_string(),
+            slot,
+            kind: kind.to_string(),
+            message,
+        };
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.len() == EVENTS_KEPT {
+                recent.pop_front();
+            }
+            recent.push_back(ev.clone());
+        }
+        let _ = self.tx.send(ev);
+    }
+
+    /// The last events, oldest first.
+    pub fn recent(&self) -> Vec<LifecycleEvent> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
+    }
+
+    /// A live feed of the events from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<LifecycleEvent> {
+        self.tx.subscribe()
+    }
+}
+
 /// Where the core reports what it counts (restarts, rollouts, readiness latency).
 pub trait Recorder: Send + Sync {
     /// A worker was restarted or replaced.
@@ -58,6 +105,8 @@ pub trait Recorder: Send + Sync {
     fn rollout(&self, app: &str, kind: &str, result: &str);
     /// A worker became ready `ms` milliseconds after its spawn.
     fn ready(&self, app: &str, ms: u64);
+    /// A version's rollout ended (`trigger`: reload, apply, cron, rollback, promote) after `duration`.
+    fn rollout_took(&self, _app: &str, _trigger: &str, _result: &str, _duration: std::time::Duration) {}
 }
 
 /// A [`Recorder`] that keeps nothing (tests, fuzzing).

@@ -66,6 +66,7 @@ pub enum Verb {
 struct Shared {
     spawner: Spawner,
     recorder: Arc<dyn Recorder>,
+    events: crate::spec::Events,
     base_env: Arc<Vec<(String, String)>>,
     notify_dir: PathBuf,
     history_dir: PathBuf,
@@ -77,6 +78,8 @@ pub struct Supervisor {
     apps: Mutex<Vec<Arc<App>>>,
     /// The monitor's last samples.
     pub samples: Samples,
+    /// Lifecycle events of every app, for `supctl events`.
+    pub events: crate::spec::Events,
     config: Mutex<Config>,
     shared: Shared,
     // Serialises config apply with itself; per-app operations have their own lock.
@@ -113,7 +116,16 @@ impl Supervisor {
         let base_env: Arc<Vec<(String, String)>> =
             Arc::new(std::env::vars().filter(|(k, _)| !OWN_VARS.contains(&k.as_str())).collect());
         let history_dir = sc.run_dir.join("history");
-        let shared = Shared { spawner, recorder, base_env, notify_dir, history_dir, log_dir: sc.log_dir.clone() };
+        let events = crate::spec::Events::default();
+        let shared = Shared {
+            spawner,
+            recorder,
+            events: events.clone(),
+            base_env,
+            notify_dir,
+            history_dir,
+            log_dir: sc.log_dir.clone(),
+        };
         let mut apps = Vec::new();
         for cfg in &config.apps {
             apps.push(shared.new_app(cfg.clone())?);
@@ -121,6 +133,7 @@ impl Supervisor {
         let sup = Arc::new(Supervisor {
             apps: Mutex::new(apps),
             samples: Arc::default(),
+            events: events.clone(),
             config: Mutex::new(config),
             shared,
             apply: tokio::sync::Mutex::new(()),
@@ -465,6 +478,7 @@ impl Shared {
             notify_dir: self.notify_dir.clone(),
             base_env: self.base_env.clone(),
             recorder: self.recorder.clone(),
+            events: self.events.clone(),
         });
         let history = crate::history::History::load(&self.history_dir, &cfg.name, cfg.history_limit);
         App::new(ctx, cfg, history)

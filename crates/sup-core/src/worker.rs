@@ -37,6 +37,8 @@ pub struct WorkerCtx {
     pub base_env: Arc<Vec<(String, String)>>,
     /// Where restarts, rollouts and readiness are counted.
     pub recorder: Arc<dyn Recorder>,
+    /// Where lifecycle events go.
+    pub events: crate::spec::Events,
 }
 
 /// Messages from a slot to its worker task.

@@ -215,6 +215,23 @@ pub struct HistoryEntry {
     pub digest: String,
 }
 
+/// A lifecycle event, as `supctl events` shows it (one NDJSON line each).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LifecycleEvent {
+    /// When, RFC 3339.
+    pub at: String,
+    /// The app.
+    pub app: String,
+    /// The slot, for events of one slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    /// `crash`, `memory`, `watchdog`, `rollout_started`, `slot_done`, `slot_failed`, `rolled_back`,
+    /// `rollout_done`, `rollout_failed`, `canary_paused`, `canary_crashed`, `canary_ended`, `promoted`, `lagged`.
+    pub kind: String,
+    /// What happened, in words.
+    pub message: String,
+}
+
 /// Answer to `GET /v1/history?app=APP`, newest last.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HistoryResponse {

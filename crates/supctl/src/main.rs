@@ -132,6 +132,15 @@ enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Lifecycle events of every app (crashes, memory and watchdog replacements, rollouts, canaries): the last ones, and with -f new ones as they come.
+    Events {
+        /// Keep printing new events until interrupted.
+        #[arg(short, long)]
+        follow: bool,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// An app's last versions: when, why, by whom, which release, and how each rollout ended.
     History {
         /// The app.
@@ -293,6 +302,11 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         }
         Command::Rollback { app, to, wait } => {
             rollout(&client, "/v1/rollback", &sup_proto::RollbackRequest { app, to, wait })
+        }
+        Command::Events { follow, json } => {
+            let q = format!("/v1/events?follow={}", u8::from(follow));
+            client.stream_get(&q, |e: sup_proto::LifecycleEvent| output::print_event_line(&e, json))?;
+            Ok(exit::OK)
         }
         Command::History { app, json } => {
             let h: sup_proto::HistoryResponse = client.get(&format!("/v1/history?app={app}"))?;

@@ -77,6 +77,21 @@ pub fn print_status(s: &StatusResponse) {
     }
 }
 
+/// Prints one lifecycle event: `AT APP[SLOT] KIND: message`, or its JSON.
+pub fn print_event_line(e: &sup_proto::LifecycleEvent, json: bool) {
+    let mut out = std::io::stdout().lock();
+    let _ = if json {
+        writeln!(out, "{}", serde_json::to_string(e).unwrap_or_default())
+    } else {
+        let who = match e.slot {
+            Some(s) => format!("{}[{s}]", e.app),
+            None => e.app.clone(),
+        };
+        writeln!(out, "{} {who} {}: {}", e.at, e.kind, e.message)
+    };
+    let _ = out.flush();
+}
+
 /// Prints an app's version history, oldest first.
 pub fn print_history(h: &sup_proto::HistoryResponse) {
     let mut out = std::io::stdout().lock();

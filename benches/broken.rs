@@ -18,33 +18,6 @@ const INSTANCES: usize = 4;
 /// A reload that has not returned after this is stopped and reported as such.
 const CAP: Duration = Duration::from_secs(90);
 
-struct Pm2 {
-    bin: PathBuf,
-    home: PathBuf,
-}
-
-impl Pm2 {
-    fn install(dir: &Path) -> Pm2 {
-        let prefix = dir.join("pm2");
-        let status = Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
-            .arg(&prefix)
-            .arg("pm2@7")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .expect("run npm");
-        assert!(status.success(), "npm install pm2 failed");
-        Pm2 { bin: prefix.join("node_modules/.bin/pm2"), home: dir.join("pm2-home") }
-    }
-
-    fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(&self.bin);
-        c.args(args).env("PM2_HOME", &self.home).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        c
-    }
-}
-
 #[derive(Clone, Copy)]
 enum Broken {
     /// Exits before it listens.
@@ -179,7 +152,14 @@ fn run(pm2: Option<&Pm2>, kind: Broken) -> Outcome {
         let _ = p.command(&["delete", "all"]).status();
     }
     drop(daemon);
-    Outcome { took, code, failed: stats.failed + stats.unanswered_retried, ok: stats.ok, serving_old, is_sup: pm2.is_none() }
+    Outcome {
+        took,
+        code,
+        failed: stats.failed + stats.unanswered_retried,
+        ok: stats.ok,
+        serving_old,
+        is_sup: pm2.is_none(),
+    }
 }
 
 fn main() {
@@ -197,7 +177,9 @@ fn main() {
     unsafe { std::env::remove_var("NODE_EXTRA_CA_CERTS") };
     println!("| broken release | supd | PM2 |");
     println!("|---|---|---|");
-    for (kind, label) in [(Broken::AtStart, "exits at start"), (Broken::AfterReady, "crashes 0.5 s after start (after ready)")] {
+    for (kind, label) in
+        [(Broken::AtStart, "exits at start"), (Broken::AfterReady, "crashes 0.5 s after start (after ready)")]
+    {
         let s = run(None, kind);
         let p = run(Some(&pm2), kind);
         let show = |o: &Outcome| {

@@ -5,7 +5,7 @@
 //! prefix with its own PM2_HOME; a global install is never touched. Runs
 //! alternate supd and PM2 (A/B) so drift hits both alike.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -13,37 +13,6 @@ use sup::*;
 
 const INSTANCES: usize = 4;
 const RELOADS: usize = 3;
-
-struct Pm2 {
-    bin: PathBuf,
-    home: PathBuf,
-}
-
-impl Pm2 {
-    fn install(dir: &Path) -> Pm2 {
-        let prefix = dir.join("pm2");
-        let status = Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
-            .arg(&prefix)
-            .arg("pm2@7")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .status()
-            .expect("run npm");
-        assert!(status.success(), "npm install pm2 failed");
-        Pm2 { bin: prefix.join("node_modules/.bin/pm2"), home: dir.join("pm2-home") }
-    }
-
-    fn cmd(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.bin).args(args).env("PM2_HOME", &self.home).stdin(Stdio::null()).output().expect("run pm2")
-    }
-
-    fn online(&self) -> usize {
-        let out = self.cmd(&["jlist"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        v.as_array().map_or(0, |a| a.iter().filter(|p| p["pm2_env"]["status"] == "online").count())
-    }
-}
 
 enum Sup<'a> {
     Supd(Daemon),

@@ -145,7 +145,7 @@ fn a_release_whose_health_turns_bad_after_ready_fails_the_reload() {
     };
     let d = Daemon::start(&app(""));
     d.wait_ready("web", 2);
-    let load = Load::start(port, &[Mode::NewConnection], 2);
+    let load = Load::start(port, &[Mode::KeepAlive, Mode::NewConnection], 2);
     load.wait_for(100);
     rewrite(&d, &app(", \"--unhealthy-after\", \"700ms\""));
     let out = d.supctl(&["reload", "web"]);

@@ -32,31 +32,6 @@ const OP_BOUND: Duration = Duration::from_secs(60);
 const LINGER: Duration = Duration::from_secs(15);
 const CLIENTS_PER_MODE: usize = 2;
 
-/// xorshift64* seeded through splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Rng((z ^ (z >> 31)).max(1))
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 /// What the file says.
 #[derive(Clone, Debug)]
 struct Desired {
@@ -259,7 +234,7 @@ impl Hammer {
         }
         // The file changes before the step's commands run: one writer.
         self.write();
-        let seeds: Vec<u64> = actions.iter().map(|_| self.rng.next()).collect();
+        let seeds: Vec<u64> = actions.iter().map(|_| self.rng.next_u64()).collect();
         let done: Vec<String> = std::thread::scope(|s| {
             let handles: Vec<_> = actions
                 .iter()

@@ -541,3 +541,81 @@ impl Daemon {
         Daemon::start_with(dir, self.config.clone(), self.socket.clone())
     }
 }
+
+/// A seeded random number generator for test schedules (xorshift64*,
+/// seeded through splitmix64): enough randomness, and no dependency.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`; similar seeds give unrelated sequences.
+    pub fn new(seed: u64) -> Rng {
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        Rng((z ^ (z >> 31)).max(1))
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi - lo + 1)
+    }
+}
+
+/// PM2, installed with npm into a temporary prefix, with its own PM2_HOME (benchmarks).
+pub struct Pm2 {
+    /// The `pm2` executable.
+    pub bin: PathBuf,
+    /// Its PM2_HOME.
+    pub home: PathBuf,
+}
+
+impl Pm2 {
+    /// Installs PM2 7 under `dir`; a global install is never touched.
+    pub fn install(dir: &Path) -> Pm2 {
+        let prefix = dir.join("pm2");
+        let status = Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--loglevel=error", "--prefix"])
+            .arg(&prefix)
+            .arg("pm2@7")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status()
+            .expect("run npm");
+        assert!(status.success(), "npm install pm2 failed");
+        Pm2 { bin: prefix.join("node_modules/.bin/pm2"), home: dir.join("pm2-home") }
+    }
+
+    /// A `pm2 ARGS` command, output discarded.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args).env("PM2_HOME", &self.home).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        c
+    }
+
+    /// Runs `pm2 ARGS` and returns its output.
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin).args(args).env("PM2_HOME", &self.home).stdin(Stdio::null()).output().expect("run pm2")
+    }
+
+    /// How many of its processes are `online`.
+    pub fn online(&self) -> usize {
+        let out = self.cmd(&["jlist"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array().map_or(0, |a| a.iter().filter(|p| p["pm2_env"]["status"] == "online").count())
+    }
+}

@@ -251,7 +251,6 @@ impl App {
     pub async fn start(self: &Arc<Self>, wait: bool) -> AppResult {
         self.run_op("start", wait, |app, fence| async move {
             let t0 = (chrono::Utc::now(), Instant::now());
-            let first = app.spec().release.is_none();
             let spec = match app.pinned_spec().await {
                 Ok(s) => s,
                 Err(e) => return app.fail(format!("start of `{}` failed: {e}", app.name)),
@@ -260,8 +259,8 @@ impl App {
             let pending: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone(), fence))).collect();
             let outcome = collect(pending).await;
             let r = app.result("start", slots.len(), "started", outcome);
-            if first {
-                // The version's first run: it enters the history.
+            if !app.is_remembered(spec.version) {
+                // The version's first successful run (or a failed try) enters the history.
                 let result = if r.ok { "ok" } else { "failed" };
                 app.record(&spec, Trigger { kind: "start", uid: None }, result, t0, &r.message);
                 if r.ok {
@@ -363,6 +362,10 @@ impl App {
                 return app.fail(format!("no canary is paused on `{}`", app.name));
             };
             let all = app.slots();
+            // From now on a crash of a canary is a crash like any other: the version is being promoted.
+            for s in &all {
+                s.hold(None);
+            }
             let rest: Vec<SlotHandle> =
                 all.iter().filter(|s| s.view.borrow().version != c.to.version).cloned().collect();
             let trigger = Trigger { kind: "promote", uid };
@@ -400,7 +403,7 @@ impl App {
     /// Watches a paused canary: when one of its slots leaves the canary
     /// version (its worker crashed and the slot went back), the canary ends
     /// failed and the other canaries go back too.
-    fn watch_canary(self: &Arc<Self>, version: u64, slots: Vec<SlotHandle>) {
+    fn watch_canary(self: &Arc<Self>, version: u64, slots: Vec<SlotHandle>, fence: u64) {
         let app = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut set = tokio::task::JoinSet::new();
@@ -420,7 +423,7 @@ impl App {
             if left && still {
                 tracing::warn!(app = %app.name, version, "a canary crashed and went back; the canary failed");
                 let (tx, _rx) = mpsc::unbounded_channel();
-                let r = app.rollback_canary(None, true, tx, "failed").await;
+                let r = app.rollback_canary(None, true, tx, "failed", Some((version, fence))).await;
                 tracing::warn!(app = %app.name, "canary of version {version} put back: {}", r.message);
             }
         });
@@ -437,13 +440,14 @@ impl App {
         progress: Progress,
     ) -> AppResult {
         if to.is_none() && self.inner().canary.is_some() {
-            return self.rollback_canary(uid, wait, progress, "rolled_back").await;
+            return self.rollback_canary(uid, wait, progress, "rolled_back", None).await;
         }
         self.run_op("rollback", wait, move |app, fence| async move {
             let current = app.spec().version;
             let target = {
                 let versions = app.versions.lock().unwrap_or_else(|e| e.into_inner());
                 match to {
+                    Some(n) if n == current => None,
                     Some(n) => versions.iter().find(|s| s.version == n).cloned(),
                     None => versions.iter().rev().find(|s| s.version < current).cloned(),
                 }
@@ -472,15 +476,39 @@ impl App {
     }
 
     /// Puts a paused canary's slots back on the version they replaced.
+    /// `expect`: for the automatic put-back, the canary's version and the
+    /// fence of its pause; a canary since decided, or a stop since, leaves
+    /// nothing to put back (a stop wins: nothing is started after it).
     async fn rollback_canary(
         self: &Arc<Self>,
         uid: Option<u32>,
         wait: bool,
         progress: Progress,
         result: &'static str,
+        expect: Option<(u64, u64)>,
     ) -> AppResult {
         self.run_op("rollback", wait, move |app, fence| async move {
             let t0 = (chrono::Utc::now(), Instant::now());
+            let (paused, current_fence) = {
+                let inner = app.inner();
+                (inner.canary.as_ref().map(|c| c.to.version), inner.fence)
+            };
+            if let Some((version, pause_fence)) = expect {
+                if paused != Some(version) {
+                    return app.result_ok("the canary was decided meanwhile");
+                }
+                if current_fence != pause_fence {
+                    // Stopped since: the canary ends, and nothing starts.
+                    if let Some(c) = app.inner().canary.take() {
+                        for s in app.slots() {
+                            s.hold(None);
+                        }
+                        app.record(&c.to, Trigger { kind: "reload", uid }, "cancelled", t0, "stopped while paused");
+                    }
+                    return app.result_ok("the canary ended with a stop");
+                }
+            }
+            let fence = expect.map_or(fence, |(_, f)| f);
             let Some(c) = app.inner().canary.take() else {
                 return app.fail(format!("no canary is paused on `{}`", app.name));
             };
@@ -502,10 +530,13 @@ impl App {
             };
             app.ctx.recorder.rollout(&app.name, "reload", "rolled_back");
             app.record(&c.to, Trigger { kind: "reload", uid }, result, t0, &r.message);
-            let _ = app.history.entries();
             r
         })
         .await
+    }
+
+    fn is_remembered(&self, version: u64) -> bool {
+        self.versions.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|s| s.version == version)
     }
 
     /// Keeps a version that ran successfully, for `rollback`.
@@ -654,7 +685,7 @@ impl App {
             }
             self.inner().canary =
                 Some(Canary { from: old.clone(), to: new.clone(), slots: targets.iter().map(|s| s.slot).collect() });
-            self.watch_canary(new.version, targets);
+            self.watch_canary(new.version, targets, fence);
             let m = all.len();
             return (
                 self.result_ok(&format!(

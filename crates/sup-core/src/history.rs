@@ -14,6 +14,7 @@ use sup_proto::HistoryEntry;
 #[derive(Clone)]
 pub struct History {
     inner: Arc<Mutex<Inner>>,
+    writer: Arc<Mutex<()>>,
 }
 
 struct Inner {
@@ -49,7 +50,7 @@ impl History {
         };
         let mut h = Inner { path, limit: limit.max(1) as usize, entries };
         h.trim();
-        History { inner: Arc::new(Mutex::new(h)) }
+        History { inner: Arc::new(Mutex::new(h)), writer: Arc::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -76,12 +77,18 @@ impl History {
             }
             h.trim();
         }
-        let inner = self.inner.clone();
+        let (inner, writer) = (self.inner.clone(), self.writer.clone());
         tokio::task::spawn_blocking(move || {
-            // Under the lock: the newest list is what ends up on disk.
-            let h = inner.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = write_atomically(&h.path, &h.entries) {
-                tracing::warn!("cannot write history file `{}`: {e}", h.path.display());
+            // Writers take turns; each writes the list as it is when its turn
+            // comes, so the newest list is what ends up on disk. The entries'
+            // lock is held only for the copy: the event loop never waits on a disk.
+            let _turn = writer.lock().unwrap_or_else(|e| e.into_inner());
+            let (path, entries) = {
+                let h = inner.lock().unwrap_or_else(|e| e.into_inner());
+                (h.path.clone(), h.entries.clone())
+            };
+            if let Err(e) = write_atomically(&path, &entries) {
+                tracing::warn!("cannot write history file `{}`: {e}", path.display());
             }
         });
     }

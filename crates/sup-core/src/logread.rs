@@ -35,6 +35,8 @@ impl Filter {
     pub fn new(stream: Option<String>, instance: Option<u32>, since: Option<Duration>) -> Filter {
         let since = since
             .and_then(|d| SystemTime::now().checked_sub(d))
+            // Before 1970 cannot be formatted; nothing is older anyway.
+            .map(|t| t.max(SystemTime::UNIX_EPOCH))
             .map(|t| humantime::format_rfc3339_millis(t).to_string());
         Filter { stream, instance, since }
     }

@@ -783,6 +783,7 @@ impl SlotTask {
         };
         let what = describe(info, failure.as_ref());
         let pid = worker.pid;
+        let mut restore = false;
         let window =
             self.drain_waits.iter().find(|d| d.new_id == worker.id && d.healthy_at.is_some()).map(|d| d.window);
         if let Some(window) = window.filter(|_| !was_stopping) {
@@ -795,6 +796,7 @@ impl SlotTask {
                 // The slot goes back at once to what it ran before the rollout.
                 self.spec = prev;
                 self.attempt = 0;
+                restore = true;
             }
         }
         if !was_stopping {
@@ -816,6 +818,7 @@ impl SlotTask {
             );
             self.spec = prev;
             self.attempt = 0;
+            restore = true;
         }
         if was_stopping {
             self.set_state(
@@ -834,6 +837,16 @@ impl SlotTask {
             self.start_waiters.push(next.reply);
             let reason = format!("pid {pid} {what}; replacement new_pid {} takes over", next.worker.pid);
             self.set_state(State::Starting { worker: next.worker }, &reason);
+            return;
+        }
+        if restore {
+            // Back to the version that served, whatever its restart policy:
+            // the failure was the new version's, not a crash of this one.
+            self.restarts += 1;
+            self.last_restart_reason = Some(RestartReason::Crash);
+            self.env.on_restart(RestartReason::Crash);
+            let reason = format!("pid {pid} {what}; back on version {}", self.spec.version);
+            self.spawn_current(reason).await;
             return;
         }
         let uptime = worker.started.elapsed();

@@ -70,6 +70,9 @@ struct Shared {
     base_env: Arc<Vec<(String, String)>>,
     notify_dir: PathBuf,
     history_dir: PathBuf,
+    // One history per app name for supd's whole life: an app re-created by
+    // `config apply` goes on writing the same one, never a second copy.
+    histories: Mutex<std::collections::HashMap<String, crate::history::History>>,
     log_dir: PathBuf,
 }
 
@@ -124,6 +127,7 @@ impl Supervisor {
             base_env,
             notify_dir,
             history_dir,
+            histories: Mutex::default(),
             log_dir: sc.log_dir.clone(),
         };
         let mut apps = Vec::new();
@@ -480,7 +484,13 @@ impl Shared {
             recorder: self.recorder.clone(),
             events: self.events.clone(),
         });
-        let history = crate::history::History::load(&self.history_dir, &cfg.name, cfg.history_limit);
+        let history = self
+            .histories
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cfg.name.clone())
+            .or_insert_with(|| crate::history::History::load(&self.history_dir, &cfg.name, cfg.history_limit))
+            .clone();
         App::new(ctx, cfg, history)
     }
 }

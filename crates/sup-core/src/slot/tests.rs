@@ -435,3 +435,19 @@ async fn a_stop_inside_the_window_cancels_the_replacement() {
     let _stop = r.slot.stop(1, false);
     assert_eq!(reload.await.unwrap_err(), SlotError::Cancelled);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_window_goes_back_whatever_the_restart_policy() {
+    let mut r = rig("restart = \"never\"");
+    let v1 = r.running().await;
+    let never = spec(2, "restart = \"never\"");
+    let reload = r.slot.replace(never, RestartReason::Reload, 0, Duration::from_secs(5));
+    let v2 = r.launched().await;
+    v2.ready();
+    v1.exit(ExitInfo::Code(0));
+    v2.exit(ExitInfo::Code(0));
+    assert!(matches!(reload.await, Err(SlotError::Failed(_))));
+    // The version that served comes back, though `restart = "never"`.
+    let back = r.launched().await;
+    assert_eq!(back.version, 1);
+}

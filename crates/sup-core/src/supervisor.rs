@@ -84,7 +84,7 @@ pub struct Supervisor {
     /// Lifecycle events of every app, for `supctl events`.
     pub events: crate::spec::Events,
     config: Mutex<Config>,
-    shared: Shared,
+    shared: Arc<Shared>,
     // Serialises config apply with itself; per-app operations have their own lock.
     apply: tokio::sync::Mutex<()>,
     initial: Mutex<Vec<tokio::task::JoinHandle<AppResult>>>,
@@ -139,7 +139,7 @@ impl Supervisor {
             samples: Arc::default(),
             events: events.clone(),
             config: Mutex::new(config),
-            shared,
+            shared: Arc::new(shared),
             apply: tokio::sync::Mutex::new(()),
             initial: Mutex::new(Vec::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -362,7 +362,7 @@ impl Supervisor {
             let cfg = cfg.clone();
             let progress = progress.clone();
             match existing {
-                None => match self.shared.new_app(cfg) {
+                None => match self.new_app_off_loop(cfg).await {
                     Ok(app) => {
                         {
                             // Checked under the lock shutdown takes its list under: an app
@@ -389,7 +389,7 @@ impl Supervisor {
                     }
                     if current.listen != cfg.listen || current.listen_backlog != cfg.listen_backlog {
                         // New sockets: the app is re-created (this one change is not zero-downtime).
-                        match self.replace_app(&app, cfg) {
+                        match self.replace_app(&app, cfg).await {
                             Ok(fresh) => tasks.push(tokio::spawn(async move {
                                 app.shutdown().await;
                                 let r = fresh.start(true).await;
@@ -414,8 +414,21 @@ impl Supervisor {
         Ok(ActionResponse { results })
     }
 
-    fn replace_app(&self, old: &Arc<App>, cfg: AppConfig) -> Result<Arc<App>, crate::listeners::ListenError> {
-        let fresh = self.shared.new_app(cfg)?;
+    /// Creates an app off the event loop: it opens log files and reads its history.
+    async fn new_app_off_loop(&self, cfg: AppConfig) -> Result<Arc<App>, crate::listeners::ListenError> {
+        let shared = self.shared.clone();
+        let name = cfg.name.clone();
+        tokio::task::spawn_blocking(move || shared.new_app(cfg)).await.unwrap_or_else(|e| {
+            Err(crate::listeners::ListenError {
+                app: name,
+                addr: String::new(),
+                reason: format!("internal error while creating the app: {e}"),
+            })
+        })
+    }
+
+    async fn replace_app(&self, old: &Arc<App>, cfg: AppConfig) -> Result<Arc<App>, crate::listeners::ListenError> {
+        let fresh = self.new_app_off_loop(cfg).await?;
         let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
         if self.closing.load(std::sync::atomic::Ordering::SeqCst) {
             // Shutting down: the old app is being stopped; the fresh one never runs.

@@ -372,3 +372,23 @@ fn a_failed_deploy_shows_in_the_metrics_and_in_the_event_stream() {
     assert!(value("sup_last_rollout_timestamp_seconds", ("result", "rolled_back")) > 1.7e9, "{body}");
     assert_eq!(value("sup_app_version", ("app", "web")), 1.0, "the app still runs version 1: {body}");
 }
+
+#[test]
+fn a_stop_ends_a_paused_canary_and_the_next_start_runs_the_old_version() {
+    let port = free_port();
+    let d = Daemon::start(&canary_app(port, 1));
+    d.wait_ready("web", 4);
+    rewrite(&d, &canary_app(port, 2));
+    let out = d.supctl(&["reload", "web", "--canary", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = d.supctl(&["stop", "web"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(canary_text(&d), None, "the stop ended the canary");
+    let out = d.supctl(&["start", "web"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(on_version(&d, 1), 4, "{:?}", d.instances("web"));
+    let out = d.supctl(&["history", "web", "--json"]);
+    let h: serde_json::Value = serde_json::from_slice(&out.stdout).expect("history");
+    let v2 = h["history"].as_array().expect("entries").iter().find(|e| e["version"] == 2).cloned().expect("v2");
+    assert_eq!(v2["result"], "cancelled", "{v2}");
+}

@@ -517,16 +517,6 @@ impl Daemon {
             .spawn()
             .expect("run supctl")
     }
-
-    /// Every live child of supd is a worker `status` lists; panics naming the ghosts.
-    pub fn assert_no_ghosts(&self) {
-        wait_until("every child of supd to be listed in status", DEADLINE, || {
-            let listed: Vec<u32> =
-                self.status().apps.iter().flat_map(|a| a.instances.iter().filter_map(|i| i.pid)).collect();
-            let ghosts: Vec<u32> = children(self.pid()).into_iter().filter(|p| !listed.contains(p)).collect();
-            ghosts.is_empty().then_some(())
-        });
-    }
 }
 
 impl Daemon {

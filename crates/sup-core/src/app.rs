@@ -297,13 +297,21 @@ impl App {
     /// operation to end (promptly: its slots answer "cancelled") so a `start`
     /// right after is not refused as busy. Returns the number of slots.
     async fn stop_all(self: &Arc<Self>, remove: bool) -> usize {
-        let (fence, slots) = {
+        let (fence, slots, canary) = {
             let mut inner = self.inner();
             inner.fence += 1;
             inner.removed |= remove;
-            (inner.fence, inner.slots.clone())
+            // A stop ends a paused canary too, under the same lock: nothing puts it back after the stop.
+            (inner.fence, inner.slots.clone(), inner.canary.take())
         };
         let pending: Vec<_> = slots.iter().map(|s| s.stop(fence, false)).collect();
+        if let Some(c) = canary {
+            for s in &slots {
+                s.hold(None);
+            }
+            let t0 = (chrono::Utc::now(), Instant::now());
+            self.record(&c.to, Trigger { kind: "reload", uid: None }, "cancelled", t0, "stopped while paused");
+        }
         let guard = self.op.clone().lock_owned().await;
         self.set_op(Some("stop"));
         for fut in pending {
@@ -369,11 +377,8 @@ impl App {
             let rest: Vec<SlotHandle> =
                 all.iter().filter(|s| s.view.borrow().version != c.to.version).cloned().collect();
             let trigger = Trigger { kind: "promote", uid };
-            let r = match app.roll_spec(&c.to, &c.from, &rest, RestartReason::Reload, fence, &progress).await {
+            match app.roll_spec(&c.to, &c.from, &rest, RestartReason::Reload, fence, &progress).await {
                 Ok(()) => {
-                    for s in &all {
-                        s.hold(None);
-                    }
                     app.adopt(&c.to);
                     app.ctx.recorder.rollout(&app.name, "reload", "success");
                     app.record(&c.to, trigger, "ok", t0, "promoted");
@@ -388,14 +393,10 @@ impl App {
                         .cloned()
                         .collect();
                     let _ = app.roll_spec(&c.from, &c.to, &canaries, RestartReason::Reload, fence, &progress).await;
-                    for s in &all {
-                        s.hold(None);
-                    }
                     app.record(&c.to, trigger, result, t0, &r.message);
                     r
                 }
-            };
-            r
+            }
         })
         .await
     }
@@ -403,7 +404,7 @@ impl App {
     /// Watches a paused canary: when one of its slots leaves the canary
     /// version (its worker crashed and the slot went back), the canary ends
     /// failed and the other canaries go back too.
-    fn watch_canary(self: &Arc<Self>, version: u64, slots: Vec<SlotHandle>, fence: u64) {
+    fn watch_canary(self: &Arc<Self>, version: u64, slots: Vec<SlotHandle>) {
         let app = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut set = tokio::task::JoinSet::new();
@@ -423,7 +424,7 @@ impl App {
             if left && still {
                 tracing::warn!(app = %app.name, version, "a canary crashed and went back; the canary failed");
                 let (tx, _rx) = mpsc::unbounded_channel();
-                let r = app.rollback_canary(None, true, tx, "failed", Some((version, fence))).await;
+                let r = app.rollback_canary(None, true, tx, "failed", Some(version)).await;
                 tracing::warn!(app = %app.name, "canary of version {version} put back: {}", r.message);
             }
         });
@@ -476,39 +477,23 @@ impl App {
     }
 
     /// Puts a paused canary's slots back on the version they replaced.
-    /// `expect`: for the automatic put-back, the canary's version and the
-    /// fence of its pause; a canary since decided, or a stop since, leaves
-    /// nothing to put back (a stop wins: nothing is started after it).
+    /// `expect`: for the automatic put-back, the canary's version; a canary
+    /// decided since (promoted, rolled back, ended by a stop) is left alone.
+    /// A stop after this was asked cancels it like any operation.
     async fn rollback_canary(
         self: &Arc<Self>,
         uid: Option<u32>,
         wait: bool,
         progress: Progress,
         result: &'static str,
-        expect: Option<(u64, u64)>,
+        expect: Option<u64>,
     ) -> AppResult {
         self.run_op("rollback", wait, move |app, fence| async move {
             let t0 = (chrono::Utc::now(), Instant::now());
-            let (paused, current_fence) = {
-                let inner = app.inner();
-                (inner.canary.as_ref().map(|c| c.to.version), inner.fence)
-            };
-            if let Some((version, pause_fence)) = expect {
-                if paused != Some(version) {
-                    return app.result_ok("the canary was decided meanwhile");
-                }
-                if current_fence != pause_fence {
-                    // Stopped since: the canary ends, and nothing starts.
-                    if let Some(c) = app.inner().canary.take() {
-                        for s in app.slots() {
-                            s.hold(None);
-                        }
-                        app.record(&c.to, Trigger { kind: "reload", uid }, "cancelled", t0, "stopped while paused");
-                    }
-                    return app.result_ok("the canary ended with a stop");
-                }
+            let paused = app.inner().canary.as_ref().map(|c| c.to.version);
+            if expect.is_some() && paused != expect {
+                return app.result_ok("the canary was decided meanwhile");
             }
-            let fence = expect.map_or(fence, |(_, f)| f);
             let Some(c) = app.inner().canary.take() else {
                 return app.fail(format!("no canary is paused on `{}`", app.name));
             };
@@ -519,16 +504,19 @@ impl App {
             for s in &all {
                 s.hold(None);
             }
-            let r = match back {
-                Ok(()) => app.result_ok(&format!(
-                    "canary of version {} ended: {} slot(s) put back on version {}",
-                    c.to.version,
-                    c.slots.len(),
-                    c.from.version
-                )),
-                Err((r, _)) => r,
+            let (r, result) = match back {
+                Ok(()) => (
+                    app.result_ok(&format!(
+                        "canary of version {} ended: {} slot(s) put back on version {}",
+                        c.to.version,
+                        c.slots.len(),
+                        c.from.version
+                    )),
+                    result,
+                ),
+                Err(failed) => failed,
             };
-            app.ctx.recorder.rollout(&app.name, "reload", "rolled_back");
+            app.ctx.recorder.rollout(&app.name, "reload", result);
             app.record(&c.to, Trigger { kind: "reload", uid }, result, t0, &r.message);
             r
         })
@@ -685,7 +673,7 @@ impl App {
             }
             self.inner().canary =
                 Some(Canary { from: old.clone(), to: new.clone(), slots: targets.iter().map(|s| s.slot).collect() });
-            self.watch_canary(new.version, targets, fence);
+            self.watch_canary(new.version, targets);
             let m = all.len();
             return (
                 self.result_ok(&format!(

@@ -131,17 +131,6 @@ impl Spawner {
     }
 }
 
-/// Sends `sig` to a whole process group; a vanished group is not an error.
-///
-/// Not for workers: once a worker is reaped its number may name another
-/// group. Signal them with [`Spawner::signal_group`], which knows.
-pub fn kill_group(pgid: i32, sig: i32) {
-    if pgid > 1 {
-        // SAFETY: killpg has no memory-safety preconditions.
-        unsafe { libc::killpg(pgid, sig) };
-    }
-}
-
 /// Pins the release `cfg` names now: `cwd` and the program with every symlink
 /// resolved. Blocking (file system look-ups): call it off the event loop.
 pub fn pin_release(cfg: &sup_config::AppConfig, base_path: Option<&str>) -> Result<Release, String> {

@@ -16,21 +16,8 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use sup_proto::exit;
 
-/// Arguments of `supctl import`.
-#[derive(Debug, clap::Args)]
-pub struct ImportArgs {
-    /// The PM2 ecosystem file: ecosystem.config.js, .cjs, .mjs or .json.
-    pub file: PathBuf,
-    /// Write the configuration to this file instead of standard output.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    /// Merge each app's env_NAME over its env, as `pm2 start --env NAME` does.
-    #[arg(long, value_name = "NAME")]
-    pub env: Option<String>,
-    /// Overwrite the --output file if it exists.
-    #[arg(long, requires = "output")]
-    pub force: bool,
-}
+pub use sup_cli::supctl::ImportArgs;
+
 
 /// Runs `supctl import`; returns the exit status.
 pub fn run(args: &ImportArgs) -> i32 {

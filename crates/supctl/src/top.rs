@@ -10,16 +10,7 @@ use sup_proto::StatusResponse;
 use crate::client::{Client, ClientError};
 use crate::output::{bytes, uptime};
 
-/// What the rows are sorted by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SortBy {
-    /// CPU, highest first.
-    Cpu,
-    /// Memory of the process tree, highest first.
-    Mem,
-    /// App and slot.
-    Name,
-}
+pub use sup_cli::supctl::SortBy;
 
 /// Renders one frame of the view as text lines.
 pub fn frame(s: &StatusResponse, sort: SortBy, width: usize) -> Vec<String> {

@@ -7,18 +7,10 @@ use std::sync::Arc;
 mod sdnotify;
 
 use clap::Parser;
+use sup_cli::supd::Args;
 use sup_core::control::{self, Access};
 use sup_core::Supervisor;
 use tokio::signal::unix::{signal, SignalKind};
-
-/// Runs and supervises the apps of a supervisor.toml, in the foreground.
-#[derive(Debug, Parser)]
-#[command(name = "supd", version, about)]
-struct Args {
-    /// The configuration file.
-    #[arg(long, short, env = "SUPD_CONFIG", default_value = "/etc/supd/supervisor.toml")]
-    config: PathBuf,
-}
 
 fn main() -> ExitCode {
     // One malloc arena: supd's threads allocate little, and per-thread arenas

@@ -1,7 +1,7 @@
 //! systemd's file descriptor store: listening sockets that survive a supd crash.
 //!
-//! Under a unit with `FileDescriptorStoreMax=` (systemd then sets `$FDSTORE`),
-//! supd hands each listening socket to systemd (`FDSTORE=1`) when it binds it
+//! Under a unit with `FileDescriptorStoreMax=` (see `wanted` for how supd
+//! tells, on systemd 247 and newer), supd hands each listening socket to systemd (`FDSTORE=1`) when it binds it
 //! and takes it back out (`FDSTOREREMOVE=1`) when it closes it. If supd dies,
 //! systemd keeps the sockets open, so clients queue in their backlog instead of
 //! being refused, and passes them to the restarted supd in `LISTEN_FDS`, under
@@ -52,7 +52,7 @@ pub fn keep_on_exit() {
     REMOVE_ON_CLOSE.store(false, Ordering::SeqCst);
 }
 
-/// Reads `LISTEN_FDS`, `LISTEN_FDNAMES`, `FDSTORE` and `NOTIFY_SOCKET`; call once, early in supd's `main`.
+/// Reads `LISTEN_FDS`, `LISTEN_FDNAMES`, `FDSTORE`, `INVOCATION_ID` and `NOTIFY_SOCKET`; call once, early in supd's `main`.
 pub fn init() -> usize {
     store().inherited.lock().map(|v| v.len()).unwrap_or(0)
 }
@@ -62,8 +62,7 @@ fn store() -> &'static Store {
 }
 
 fn notify_target() -> Option<(OwnedFd, UnixAddr)> {
-    let max: u64 = std::env::var("FDSTORE").ok()?.trim().parse().ok()?;
-    if max == 0 {
+    if !wanted(std::env::var("FDSTORE").ok().as_deref(), std::env::var_os("INVOCATION_ID").is_some()) {
         return None;
     }
     let path = std::env::var("NOTIFY_SOCKET").ok()?;
@@ -73,6 +72,18 @@ fn notify_target() -> Option<(OwnedFd, UnixAddr)> {
     };
     let sock = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None).ok()?;
     Some((sock, addr))
+}
+
+/// Whether to store sockets: systemd 254 and newer say so with `$FDSTORE`
+/// (the unit's `FileDescriptorStoreMax=`, absent when 0). Older systemd keeps
+/// an fd store just as well but never says so; there supd stores whenever it
+/// runs as a systemd service (`$INVOCATION_ID`, set since systemd 232), and a
+/// unit without `FileDescriptorStoreMax=` only logs that it drops them.
+fn wanted(fdstore: Option<&str>, under_systemd: bool) -> bool {
+    match fdstore {
+        Some(max) => max.trim().parse::<u64>().is_ok_and(|m| m > 0),
+        None => under_systemd,
+    }
 }
 
 /// The sockets systemd passed to this process, with their names.
@@ -185,5 +196,22 @@ fn send(msg: &str, fd: Option<RawFd>) -> bool {
             tracing::warn!("cannot update systemd's fd store ({}): {e}", msg.lines().next().unwrap_or(""));
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wanted;
+
+    #[test]
+    fn stores_on_every_systemd_with_a_store_and_nowhere_else() {
+        // systemd 254+: FDSTORE says how many, and is absent when there is no store.
+        assert!(wanted(Some("4096"), true));
+        assert!(!wanted(Some("0"), true));
+        assert!(!wanted(Some("junk"), true));
+        // systemd 247..253 never sets FDSTORE: a service there still stores.
+        assert!(wanted(None, true));
+        // Not a systemd service (a terminal, a container's PID 1, another supervisor).
+        assert!(!wanted(None, false));
     }
 }

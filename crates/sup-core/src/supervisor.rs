@@ -90,6 +90,9 @@ pub struct Supervisor {
     initial: Mutex<Vec<tokio::task::JoinHandle<AppResult>>>,
     // Set once shutdown begins: nothing is added, started or rolled after that.
     closing: std::sync::atomic::AtomicBool,
+    // Why the last config apply failed (None after one that succeeded), for
+    // systemd's STATUS= line: `systemctl status` must say why a reload failed.
+    apply_failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// Variables meant for supd itself, never passed on to workers.
@@ -143,6 +146,7 @@ impl Supervisor {
             apply: tokio::sync::Mutex::new(()),
             initial: Mutex::new(Vec::new()),
             closing: std::sync::atomic::AtomicBool::new(false),
+            apply_failure: tokio::sync::watch::Sender::new(None),
         });
         let mut starts = Vec::new();
         for app in sup.apps() {
@@ -335,6 +339,29 @@ impl Supervisor {
     /// Re-reads the whole file and applies the difference: new apps start,
     /// removed ones stop, changed ones roll. An invalid file changes nothing.
     pub async fn apply(&self, uid: Option<u32>, progress: Progress) -> Result<ActionResponse, ApiError> {
+        let outcome = self.apply_file(uid, progress).await;
+        let failure = match &outcome {
+            Ok(r) => {
+                let failed: Vec<&str> = r.results.iter().filter(|r| !r.ok).map(|r| r.app.as_str()).collect();
+                (!failed.is_empty()).then(|| format!("config apply failed for {}", failed.join(", ")))
+            }
+            // Shutting down: the file was never looked at.
+            Err(ApiError::ShuttingDown) => return outcome,
+            Err(e) => {
+                let first: String = e.to_string().lines().next().unwrap_or("").chars().take(200).collect();
+                Some(format!("config NOT applied: {first}"))
+            }
+        };
+        self.apply_failure.send_replace(failure);
+        outcome
+    }
+
+    /// Why the last config apply failed, or None if it succeeded; changes as applies end.
+    pub fn apply_failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.apply_failure.subscribe()
+    }
+
+    async fn apply_file(&self, uid: Option<u32>, progress: Progress) -> Result<ActionResponse, ApiError> {
         self.refuse_if_closing()?;
         let _serial = self.apply.lock().await;
         self.refuse_if_closing()?;

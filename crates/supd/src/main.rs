@@ -100,8 +100,12 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: sup_config::Config) -> Result<(), String> {
+    // Every handler first: a SIGHUP that systemd (or a user) sends early must
+    // never meet the default action, which would end supd.
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
     let sc = config.supervisor.clone();
     // The socket first: a second supd must fail before touching any listener.
     let listener =
@@ -155,12 +159,20 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             }
             tracing::info!("all autostart apps started: {status}");
             notifier.send(&format!("READY=1\nSTATUS={status}"));
-            // Keep STATUS= current for `systemctl status`.
+            // Keep STATUS= current for `systemctl status`, and say at once why
+            // a config apply failed (`systemctl reload` runs one and fails with it).
+            let mut failure = sup.apply_failure();
             let mut last = status;
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
             loop {
-                tick.tick().await;
-                let now = sup.summary();
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    changed = failure.changed() => if changed.is_err() { return },
+                }
+                let now = match &*failure.borrow() {
+                    Some(why) => format!("{why}; {}", sup.summary()),
+                    None => sup.summary(),
+                };
                 if now != last {
                     notifier.send(&format!("STATUS={now}"));
                     last = now;
@@ -180,9 +192,6 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
         });
     }
     tracing::info!(socket = %sc.control_socket.display(), "supd {} running {} apps", env!("CARGO_PKG_VERSION"), sup.apps().len());
-
-    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
-    let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping all apps"); break }
@@ -196,8 +205,12 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
                 let (sup, notifier) = (sup.clone(), notifier.clone());
                 tokio::spawn(async move {
                     notifier.reloading("applying the configuration");
-                    let outcome = apply_config(&sup).await;
-                    notifier.send(&format!("READY=1\nSTATUS={}{}", outcome, sup.summary()));
+                    apply_config(&sup).await;
+                    let status = match &*sup.apply_failure().borrow() {
+                        Some(why) => format!("{why}; {}", sup.summary()),
+                        None => sup.summary(),
+                    };
+                    notifier.send(&format!("READY=1\nSTATUS={status}"));
                 });
             }
         }
@@ -244,40 +257,28 @@ impl OwnSocket {
     }
 }
 
-/// `supctl config apply`, on SIGHUP: progress and outcome go to the log; the
-/// returned prefix for STATUS= names a failure.
-async fn apply_config(sup: &Supervisor) -> String {
+/// `supctl config apply`, on SIGHUP: progress and outcome go to the log (and
+/// a failure to STATUS=, through `Supervisor::apply_failure`).
+async fn apply_config(sup: &Supervisor) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let log = tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             tracing::info!("config apply: {ev:?}");
         }
     });
-    let outcome = match sup.apply(None, tx).await {
+    match sup.apply(None, tx).await {
         Ok(r) => {
-            let mut failed = Vec::new();
             for res in r.results {
                 if res.ok {
                     tracing::info!(app = %res.app, "config apply: {}", res.message);
                 } else {
                     tracing::warn!(app = %res.app, "config apply failed: {}", res.message);
-                    failed.push(res.app);
                 }
             }
-            if failed.is_empty() {
-                String::new()
-            } else {
-                format!("config apply failed for {}; ", failed.join(", "))
-            }
         }
-        Err(e) => {
-            tracing::error!("config apply: {e}");
-            let first = e.to_string().lines().next().unwrap_or("").chars().take(200).collect::<String>();
-            format!("config NOT applied: {first}; ")
-        }
-    };
+        Err(e) => tracing::error!("config apply: {e}"),
+    }
     let _ = log.await;
-    outcome
 }
 
 /// SIGKILLs any descendant that escaped its process group and was re-parented to us.

@@ -1,9 +1,12 @@
 //! supd's side of the sd_notify protocol, talking to systemd.
 //!
-//! `Type=notify-reload`: READY=1 once every autostart app has started (or
-//! definitively failed), RELOADING=1 with MONOTONIC_USEC on SIGHUP and READY=1
-//! when the reload is done, STOPPING=1 on shutdown, a STATUS= summary, and
-//! WATCHDOG=1 from a timer on the event loop, so a stuck loop stops the pings.
+//! `Type=notify` (systemd 247 and newer): READY=1 once every autostart app has
+//! started (or definitively failed), STOPPING=1 on shutdown, a STATUS= summary
+//! that names a failed config apply, and WATCHDOG=1 from a timer on the event
+//! loop, so a stuck loop stops the pings. `systemctl reload` runs `supctl
+//! config apply` (ExecReload=), which can fail; a bare SIGHUP is bracketed by
+//! RELOADING=1 (with the MONOTONIC_USEC that `notify-reload` units want) and
+//! READY=1.
 
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;

@@ -436,12 +436,12 @@ fn the_debian_package_installs_reloads_upgrades_and_purges_on_bookworm() {
         }
     };
     let Some(ct) = boot("bookworm") else { return };
-    std::fs::copy(&first, ct.path("tmp/supd-1.deb")).expect("copy deb");
-    std::fs::copy(&second, ct.path("tmp/supd-2.deb")).expect("copy deb");
+    std::fs::copy(&first, ct.path("var/tmp/supd-1.deb")).expect("copy deb");
+    std::fs::copy(&second, ct.path("var/tmp/supd-2.deb")).expect("copy deb");
     std::fs::copy(bin("sup-demo"), ct.path("usr/local/bin/sup-demo")).expect("copy sup-demo");
 
     // Install: the unit is enabled and started with the shipped (empty) configuration.
-    ct.ok("dpkg -i /tmp/supd-1.deb");
+    ct.ok("dpkg -i /var/tmp/supd-1.deb");
     ct.ok("systemctl enable --now supd");
     assert!(ct.sh("systemctl is-enabled supd").status.success(), "{}", unit_state(&ct));
     let s = ct.status();
@@ -482,7 +482,7 @@ fn the_debian_package_installs_reloads_upgrades_and_purges_on_bookworm() {
     let load = Load::start(port, &[Mode::NewConnection], 2);
     load.wait_for(100);
     let main = main_pid(&ct);
-    ct.ok("dpkg -i /tmp/supd-2.deb");
+    ct.ok("dpkg -i /var/tmp/supd-2.deb");
     assert_ne!(main_pid(&ct), main, "the upgrade restarted supd: {}", unit_state(&ct));
     wait_until("the apps ready after the upgrade", DEADLINE, || all_ready(&ct, None).then_some(()));
     load.wait_for(100);

@@ -37,7 +37,7 @@ pub use identity::{Group, User};
 pub use instances::available_cpus;
 pub use listen::ListenAddr;
 pub use logs::{LogConfig, LogFormat, LogTarget};
-pub use paths::default_control_socket;
+pub use paths::{control_socket_of, default_control_socket};
 pub use ready::ReadyCheck;
 pub use restart::RestartPolicy;
 pub use signal::parse_signal;

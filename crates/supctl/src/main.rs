@@ -173,14 +173,15 @@ fn rollout<B: serde::Serialize>(client: &Client, path: &str, body: &B) -> Result
 }
 
 /// `--socket`, else `SUPD_SOCKET` (both via clap), else the config's, else the default.
+/// The config file is read leniently: supd itself reports what is wrong with
+/// it when asked to apply it (and says so in systemd's STATUS=).
 fn socket_path(cli: &Cli) -> Result<PathBuf, ClientError> {
     if let Some(s) = &cli.socket {
         return Ok(s.clone());
     }
     if let Some(cfg) = &cli.config {
-        return sup_config::load(cfg)
-            .map(|c| c.supervisor.control_socket)
-            .map_err(|e| ClientError::Config(e.to_string()));
+        return sup_config::control_socket_of(cfg)
+            .map_err(|e| ClientError::Config(format!("cannot read `{}`: {e}", cfg.display())));
     }
     Ok(sup_config::default_control_socket())
 }

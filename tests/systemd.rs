@@ -420,7 +420,11 @@ fn build_deb(revision: &str, build: bool) -> Result<PathBuf, String> {
     }
     let built = run(&mut cmd);
     if !built.status.success() {
-        panic!("cargo deb failed: {}{}", String::from_utf8_lossy(&built.stdout), String::from_utf8_lossy(&built.stderr));
+        panic!(
+            "cargo deb failed: {}{}",
+            String::from_utf8_lossy(&built.stdout),
+            String::from_utf8_lossy(&built.stderr)
+        );
     }
     Ok(out)
 }

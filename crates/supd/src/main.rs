@@ -17,6 +17,15 @@ fn main() -> ExitCode {
     // would hold on to memory that the 10 MiB budget cannot spare.
     // SAFETY: called before any other thread exists.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+    // Until `run` installs the handlers, a SIGHUP (a reload) or SIGUSR1 (a log
+    // reopen) would end supd by their default action; the file supd is about
+    // to read is the newest anyway, and no log is open yet, so ignore them.
+    // Workers start with every disposition reset (spawner).
+    // SAFETY: called before any other thread exists; SIG_IGN needs no handler.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+    }
     let args = Args::parse();
     let config = match sup_config::load(&args.config) {
         Ok(c) => c,

@@ -1,0 +1,63 @@
+//! Signals that arrive while supd starts: a `systemctl reload` (SIGHUP) or a
+//! logrotate (SIGUSR1) sent before supd is ready must never end it.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sup::*;
+
+#[test]
+fn sighup_and_sigusr1_during_start_up_never_kill_supd() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let config = dir.path().join("supervisor.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\n\n[apps.web]\ncommand = [\"{}\", \"--start-delay\", \"1s\"]\nlisten = [\"127.0.0.1:{port}\"]\nready = \"notify\"\n",
+            bin("sup-demo").display()
+        ),
+    )
+    .expect("config");
+    let socket = dir.path().join("run/control.sock");
+    let mut supd = Command::new(bin("supd"))
+        .arg("--config")
+        .arg(&config)
+        .env_remove("NOTIFY_SOCKET")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn supd");
+    let pid = supd.id() as i32;
+    // From the moment the process exists until its app is ready, without a pause.
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let ready = loop {
+        for sig in [libc::SIGHUP, libc::SIGUSR1] {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, sig) };
+            sent += 1;
+        }
+        if let Some(status) = supd.try_wait().expect("try_wait") {
+            panic!("supd ended ({}) after {sent} early signals", describe(status));
+        }
+        let out = Command::new(bin("supctl")).arg("--socket").arg(&socket).args(["status", "--json"]).output();
+        let s = out.ok().and_then(|o| serde_json::from_slice::<StatusResponse>(&o.stdout).ok());
+        if s.is_some_and(|s| s.apps[0].instances.iter().all(|i| i.state == WorkerState::Ready)) {
+            break true;
+        }
+        if started.elapsed() > DEADLINE {
+            break false;
+        }
+    };
+    assert!(ready, "web ready while being signalled");
+    assert!(supd.try_wait().expect("try_wait").is_none(), "supd survived {sent} early signals");
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + DEADLINE;
+    while supd.try_wait().expect("try_wait").is_none() {
+        assert!(Instant::now() < deadline, "supd stops on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

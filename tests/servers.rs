@@ -54,7 +54,10 @@ fn apt(pkgs: &[&str]) -> Result<(), String> {
         return Ok(());
     }
     run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-q", "--no-install-recommends"]).args(pkgs).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 /// The virtualenv with gunicorn, Flask and uvicorn, made once and cached under target/.
@@ -178,6 +181,11 @@ fn switch(root: &Path, target: &Path) {
 
 /// supd on a folder with release v1 current, running `recipe` on a free port.
 fn boot(recipe: &Recipe) -> (Daemon, u16, PathBuf) {
+    boot_edited(recipe, |apps| apps)
+}
+
+/// Like [`boot`], with the recipe's `[apps.web]` table changed by `edit`.
+fn boot_edited(recipe: &Recipe, edit: impl Fn(String) -> String) -> (Daemon, u16, PathBuf) {
     let port = free_port();
     let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("temp dir");
     let root = dir.path().to_path_buf();
@@ -186,7 +194,7 @@ fn boot(recipe: &Recipe) -> (Daemon, u16, PathBuf) {
     let config = root.join("supervisor.toml");
     let body = format!(
         "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\nlog_level = \"info\"\n\n{}",
-        recipe.apps(port)
+        edit(recipe.apps(port))
     );
     std::fs::write(&config, body).expect("write config");
     let d = Daemon::start_with(dir, config, root.join("run/control.sock"));
@@ -348,4 +356,49 @@ fn uvicorn_is_not_ready_before_its_startup_ends_and_a_hung_startup_is_rolled_bac
     let stats = load.finish();
     eprintln!("uvicorn slow/hung startup: {} requests answered, {} failed", stats.ok, stats.failed);
     assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
+}
+
+/// gunicorn's sync workers and Puma's workers wait in select(2), not in an
+/// epoll set: `accepting` sees a thread blocked in it with the socket in its
+/// read set, in a worker process, never in the master, which holds the
+/// socket without waiting on it.
+#[test]
+fn accepting_sees_gunicorn_and_puma_workers_blocked_in_select_not_their_master() {
+    for name in ["gunicorn-lazy", "puma"] {
+        let Some(recipe) = Recipe::get(name) else { continue };
+        let (d, _port, root) = boot_edited(&recipe, |apps| apps.replace("ready = \"notify\"", "ready = \"accepting\""));
+        let v1 = root.join("releases/v1").canonicalize().expect("v1");
+        let masters: Vec<u32> = wait_release(&d, &v1).iter().filter_map(|i| i.pid).collect();
+        let log = d.log();
+        let seen: Vec<&str> = log.lines().filter(|l| l.contains("waits for connections on its sockets")).collect();
+        assert_eq!(seen.len(), 2, "{name}:\n{log}");
+        for line in seen {
+            // "socket N thread T of pid P blocked in CALL pid=MASTER"
+            let waiter: u32 = line
+                .split(" of pid ")
+                .nth(1)
+                .and_then(|r| r.split(' ').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            let call = line.split(" blocked in ").nth(1).and_then(|r| r.split(' ').next()).unwrap_or("");
+            assert!(["select", "pselect6", "poll", "ppoll"].contains(&call), "{name}: {line}");
+            assert!(
+                waiter != 0 && !masters.contains(&waiter),
+                "{name}: the waiter is not a worker of the master: {line}"
+            );
+        }
+    }
+}
+
+/// A process that holds its socket but never waits on it is not ready, and is
+/// ended at `ready_timeout`.
+#[test]
+fn a_worker_that_only_holds_its_socket_is_not_accepting() {
+    let port = free_port();
+    let d = Daemon::start(&format!(
+        "[apps.idle]\ncommand = [\"sleep\", \"1000\"]\nlisten = [\"127.0.0.1:{port}\"]\nready = \"accepting\"\nready_timeout = \"2s\"\n"
+    ));
+    d.wait_log("not ready within 2s", DEADLINE);
+    assert!(d.instances("idle").iter().all(|i| i.state != WorkerState::Ready));
+    assert!(!d.log().contains("waits for connections"), "{}", d.log());
 }

@@ -28,7 +28,8 @@ pub enum ReadyCheck {
     Tcp,
 }
 
-const FORMS: &str = "\"none\", \"notify\", \"pm2\", \"listening\", \"accepting\", { http = \"/health\" } or { tcp = true }";
+const FORMS: &str =
+    "\"none\", \"notify\", \"pm2\", \"listening\", \"accepting\", { http = \"/health\" } or { tcp = true }";
 
 impl<'de> Deserialize<'de> for ReadyCheck {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

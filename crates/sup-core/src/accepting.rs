@@ -172,9 +172,11 @@ fn epoll_waits(pid: i32, want: &HashSet<u64>) -> Vec<(u64, Waiting)> {
         else {
             continue;
         };
-        out.extend(epoll_targets(&info).filter(|(ino, events)| want.contains(ino) && events & IN != 0).map(|(ino, _)| {
-            (ino, Waiting::Epoll { pid })
-        }));
+        out.extend(
+            epoll_targets(&info)
+                .filter(|(ino, events)| want.contains(ino) && events & IN != 0)
+                .map(|(ino, _)| (ino, Waiting::Epoll { pid })),
+        );
     }
     out
 }

@@ -402,3 +402,23 @@ fn a_worker_that_only_holds_its_socket_is_not_accepting() {
     assert!(d.instances("idle").iter().all(|i| i.state != WorkerState::Ready));
     assert!(!d.log().contains("waits for connections"), "{}", d.log());
 }
+
+/// docs/servers.md shows every recipe exactly as these tests run it.
+#[test]
+fn the_doc_shows_every_recipe_as_the_tests_run_it() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/servers.md")).expect("doc");
+    let mut recipes = 0;
+    for entry in std::fs::read_dir(fixtures()).expect("fixtures").flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let recipe = std::fs::read_to_string(&path).expect("recipe");
+            assert!(
+                doc.contains(&format!("```toml\n{recipe}```")),
+                "docs/servers.md does not show {} as it is",
+                path.display()
+            );
+            recipes += 1;
+        }
+    }
+    assert_eq!(recipes, 5);
+}

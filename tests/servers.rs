@@ -364,6 +364,7 @@ fn uvicorn_is_not_ready_before_its_startup_ends_and_a_hung_startup_is_rolled_bac
 /// socket without waiting on it.
 #[test]
 fn accepting_sees_gunicorn_and_puma_workers_blocked_in_select_not_their_master() {
+    let _serial = load_lock();
     for name in ["gunicorn-lazy", "puma"] {
         let Some(recipe) = Recipe::get(name) else { continue };
         let (d, _port, root) = boot_edited(&recipe, |apps| apps.replace("ready = \"notify\"", "ready = \"accepting\""));

@@ -21,7 +21,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::RawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,8 +110,8 @@ pub fn waiting(pid: i32, inodes: &[u64]) -> HashMap<u64, Waiting> {
     let want: HashSet<u64> = inodes.iter().copied().collect();
     let mut found = HashMap::new();
     for p in tree(pid) {
-        let fds = socket_fds(p, &want);
-        for (ino, how) in epoll_waits(p, &want).into_iter().chain(blocked_waits(p, &fds)) {
+        let (sockets, epolls) = scan_fds(p, &want);
+        for (ino, how) in epoll_waits(p, &epolls, &want).into_iter().chain(blocked_waits(p, &sockets)) {
             found.entry(ino).or_insert(how);
         }
         if found.len() == want.len() {
@@ -121,20 +121,16 @@ pub fn waiting(pid: i32, inodes: &[u64]) -> HashMap<u64, Waiting> {
     found
 }
 
-/// `pid` and its descendants, parents first.
+/// `pid` and its descendants, parents first (at most 4096).
 fn tree(pid: i32) -> Vec<i32> {
     let mut out = vec![pid];
+    let mut seen = HashSet::from([pid]);
     let mut i = 0;
     while i < out.len() && out.len() < 4096 {
-        let p = out[i];
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", out[i])) {
             for t in tasks.flatten() {
                 if let Ok(c) = std::fs::read_to_string(t.path().join("children")) {
-                    for c in c.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
-                        if !out.contains(&c) {
-                            out.push(c);
-                        }
-                    }
+                    out.extend(c.split_whitespace().filter_map(|c| c.parse::<i32>().ok()).filter(|c| seen.insert(*c)));
                 }
             }
         }
@@ -143,35 +139,30 @@ fn tree(pid: i32) -> Vec<i32> {
     out
 }
 
-/// `pid`'s fds that are sockets of `want`: fd → inode.
-fn socket_fds(pid: i32, want: &HashSet<u64>) -> HashMap<i64, u64> {
-    let mut out = HashMap::new();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return out };
+/// One pass over `pid`'s fds: its sockets of `want` (fd → inode), and its epoll fds.
+fn scan_fds(pid: i32, want: &HashSet<u64>) -> (HashMap<i64, u64>, Vec<i64>) {
+    let (mut sockets, mut epolls) = (HashMap::new(), Vec::new());
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return (sockets, epolls) };
     for fd in fds.flatten() {
         let Some(n) = fd.file_name().to_str().and_then(|n| n.parse::<i64>().ok()) else { continue };
-        // The inode of the link's target, without parsing `socket:[N]`.
-        if let Ok(meta) = std::fs::metadata(fd.path()) {
-            if want.contains(&meta.ino()) {
-                out.insert(n, meta.ino());
+        let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+        let target = target.to_string_lossy();
+        if target == "anon_inode:[eventpoll]" {
+            epolls.push(n);
+        } else if let Some(ino) = target.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) {
+            if let Some(ino) = ino.parse::<u64>().ok().filter(|i| want.contains(i)) {
+                sockets.insert(n, ino);
             }
         }
     }
-    out
+    (sockets, epolls)
 }
 
-/// The sockets of `want` registered for reading in an epoll set of `pid`.
-fn epoll_waits(pid: i32, want: &HashSet<u64>) -> Vec<(u64, Waiting)> {
+/// The sockets of `want` registered for reading in one of `pid`'s epoll fds.
+fn epoll_waits(pid: i32, epolls: &[i64], want: &HashSet<u64>) -> Vec<(u64, Waiting)> {
     let mut out = Vec::new();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return out };
-    for fd in fds.flatten() {
-        let is_epoll = std::fs::read_link(fd.path()).is_ok_and(|t| t.as_os_str() == "anon_inode:[eventpoll]");
-        if !is_epoll {
-            continue;
-        }
-        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", fd.file_name().to_string_lossy()))
-        else {
-            continue;
-        };
+    for fd in epolls {
+        let Ok(info) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else { continue };
         out.extend(
             epoll_targets(&info)
                 .filter(|(ino, events)| want.contains(ino) && events & IN != 0)

@@ -273,7 +273,10 @@ fn deploys(name: &str, broken: Broken, why: &str) {
     load.wait_for(50);
     assert_eq!(version_on(port), "v2");
     let stats = load.finish();
-    eprintln!("{name}: {} requests answered, {} failed", stats.ok, stats.failed);
+    eprintln!(
+        "{name}: {} requests answered, {} failed, {} unanswered and retried",
+        stats.ok, stats.failed, stats.unanswered_retried
+    );
     assert_eq!(stats.failed, 0, "{name}: failed requests: {:?}", stats.errors);
 }
 
@@ -354,7 +357,10 @@ fn uvicorn_is_not_ready_before_its_startup_ends_and_a_hung_startup_is_rolled_bac
     assert!(!v3.read_dir().expect("v3").flatten().any(|e| e.file_name().to_string_lossy().starts_with("started-")));
     load.wait_for(50);
     let stats = load.finish();
-    eprintln!("uvicorn slow/hung startup: {} requests answered, {} failed", stats.ok, stats.failed);
+    eprintln!(
+        "uvicorn slow/hung startup: {} requests answered, {} failed, {} unanswered and retried",
+        stats.ok, stats.failed, stats.unanswered_retried
+    );
     assert_eq!(stats.failed, 0, "failed requests: {:?}", stats.errors);
 }
 

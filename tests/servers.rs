@@ -69,8 +69,15 @@ fn venv() -> Result<PathBuf, String> {
         if !ready {
             run(Command::new("python3").args(["-m", "venv"]).arg(&dir))
                 .map_err(|e| format!("cannot make a virtualenv: {e}"))?;
-            run(Command::new(dir.join("bin/pip")).args(["install", "-q", "gunicorn", "flask", "uvicorn"]))
-                .map_err(|e| format!("cannot install gunicorn, flask and uvicorn from PyPI: {e}"))?;
+            // The versions docs/servers.md names.
+            run(Command::new(dir.join("bin/pip")).args([
+                "install",
+                "-q",
+                "gunicorn==27.0.1",
+                "flask==3.1.3",
+                "uvicorn==0.55.0",
+            ]))
+            .map_err(|e| format!("cannot install gunicorn, flask and uvicorn from PyPI: {e}"))?;
         }
         Ok(dir)
     })

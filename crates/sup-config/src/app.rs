@@ -211,6 +211,12 @@ impl RawApp {
             }
         }
 
+        if matches!(ready, ReadyCheck::Accepting) && self.listen.is_empty() {
+            // Without supd's sockets there is nothing whose waiting could be seen.
+            let span = ready_span.clone().unwrap_or(0..0);
+            let msg = "ready = \"accepting\" watches the worker wait on the sockets supd passes it: set `listen`, or use another check";
+            return Err(src.error(span, key("ready"), msg.to_string()));
+        }
         if matches!(ready, ReadyCheck::Listening) && !self.node_cluster.as_ref().is_some_and(|n| *n.get_ref()) {
             let span = ready_span.clone().unwrap_or(0..0);
             let msg =
@@ -366,6 +372,10 @@ mod tests {
             (
                 "cron_restart = \"0 25 * * *\"",
                 "/x/sup.toml:3:16: key `apps.web.cron_restart`: invalid cron pattern `0 25 * * *`: the hour field `25` is out of range or malformed",
+            ),
+            (
+                "ready = \"accepting\"",
+                "/x/sup.toml:3:9: key `apps.web.ready`: ready = \"accepting\" watches the worker wait on the sockets supd passes it: set `listen`, or use another check",
             ),
             (
                 "ready = { tcp = true }",

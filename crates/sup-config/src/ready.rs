@@ -17,6 +17,8 @@ pub enum ReadyCheck {
     Pm2,
     /// A Node cluster worker's server is listening (PM2's cluster mode without `wait_ready`).
     Listening,
+    /// A process of the worker's own tree waits for connections on every one of its slot's sockets.
+    Accepting,
     /// An HTTP GET on this path answers 2xx.
     Http {
         /// Request path; starts with `/`.
@@ -26,7 +28,8 @@ pub enum ReadyCheck {
     Tcp,
 }
 
-const FORMS: &str = "\"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }";
+const FORMS: &str =
+    "\"none\", \"notify\", \"pm2\", \"listening\", \"accepting\", { http = \"/health\" } or { tcp = true }";
 
 impl<'de> Deserialize<'de> for ReadyCheck {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -57,6 +60,7 @@ impl<'de> Visitor<'de> for ReadyVisitor {
             "notify" => Ok(ReadyCheck::Notify),
             "pm2" => Ok(ReadyCheck::Pm2),
             "listening" => Ok(ReadyCheck::Listening),
+            "accepting" => Ok(ReadyCheck::Accepting),
             _ => Err(E::custom(format!("expected {FORMS}, found `{v}`"))),
         }
     }
@@ -101,6 +105,7 @@ mod tests {
             ("ready = \"notify\"", ReadyCheck::Notify),
             ("ready = \"pm2\"", ReadyCheck::Pm2),
             ("listen = [\"127.0.0.1:3000\"]\nnode_cluster = true\nready = \"listening\"", ReadyCheck::Listening),
+            ("listen = [\"127.0.0.1:3000\"]\nready = \"accepting\"", ReadyCheck::Accepting),
             ("port = 80\nready = { http = \"/health\" }", ReadyCheck::Http { path: "/health".to_string() }),
             ("port = 80\nready = { tcp = true }", ReadyCheck::Tcp),
         ];
@@ -110,7 +115,7 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 "ready = \"http\"",
-                "/x/sup.toml:3:9: key `apps.web.ready`: expected \"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }, found `http`",
+                "/x/sup.toml:3:9: key `apps.web.ready`: expected \"none\", \"notify\", \"pm2\", \"listening\", \"accepting\", { http = \"/health\" } or { tcp = true }, found `http`",
             ),
             (
                 "ready = { http = \"health\" }",
@@ -130,7 +135,7 @@ mod tests {
             ),
             (
                 "ready = 1",
-                "/x/sup.toml:3:9: key `apps.web.ready`: invalid type: integer `1`, expected one of \"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }",
+                "/x/sup.toml:3:9: key `apps.web.ready`: invalid type: integer `1`, expected one of \"none\", \"notify\", \"pm2\", \"listening\", \"accepting\", { http = \"/health\" } or { tcp = true }",
             ),
         ];
         for (line, want) in cases {

@@ -10,6 +10,7 @@
 //! - [`reaper`] owns `waitpid`: exits are noticed on SIGCHLD, at once.
 //! - [`spawner`] forks and execs with the socket-activation protocol.
 //! - [`worker`] watches one process: exit, notify socket, readiness deadline, stop.
+//! - [`accepting`] sees, in /proc, whether a new worker waits for connections on its sockets.
 //! - [`slot`] is the state machine of one instance slot; it is the only place
 //!   where a slot's state changes, and every change is logged with a reason.
 //! - [`app`] runs operations (start, stop, restart) over an app's slots, one at a time.
@@ -19,6 +20,7 @@
 //! Status is read from `watch` channels each slot publishes on every
 //! transition, so answering `status` never waits on a busy task.
 
+pub mod accepting;
 pub mod app;
 pub mod control;
 pub mod cron;
@@ -56,6 +58,7 @@ mod layers {
         ("notify", 1),
         ("nodeipc", 1),
         ("probe", 1),
+        ("accepting", 1),
         ("listeners", 1),
         ("fdstore", 1),
         ("history", 1),
@@ -78,6 +81,7 @@ mod layers {
         ("notify", include_str!("notify.rs")),
         ("nodeipc", include_str!("nodeipc.rs")),
         ("probe", include_str!("probe.rs")),
+        ("accepting", include_str!("accepting.rs")),
         ("listeners", include_str!("listeners.rs")),
         ("fdstore", include_str!("fdstore.rs")),
         ("history", include_str!("history.rs")),

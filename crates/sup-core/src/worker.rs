@@ -170,6 +170,12 @@ pub async fn start(
             notify_path.display()
         ));
     }
+    // The inodes `ready = "accepting"` looks for, taken while supd holds the sockets.
+    let sockets: Arc<[u64]> = if matches!(cfg.ready, ReadyCheck::Accepting) {
+        crate::accepting::inodes(&fds.iter().map(|(fd, _)| *fd).collect::<Vec<_>>())?.into()
+    } else {
+        Arc::new([])
+    };
     let owner = cfg.user.as_ref().map(|u| (u.uid, cfg.group.as_ref().map_or(u.gid, |g| g.gid)));
     let notify = NotifySocket::bind(&notify_path, owner)
         .map_err(|e| format!("cannot create notify socket `{}`: {e}", notify_path.display()))?;
@@ -255,6 +261,7 @@ pub async fn start(
         shutdown_message: cfg.shutdown_with_message,
         node_cluster: cfg.node_cluster,
         port: cfg.port,
+        sockets,
         watchdog: cfg.watchdog,
         ready_timeout: cfg.ready_timeout,
         stop_signal: cfg.stop_signal,
@@ -329,6 +336,8 @@ struct Watch {
     shutdown_message: bool,
     node_cluster: bool,
     port: Option<u16>,
+    /// The slot's sockets, by inode, for `ready = "accepting"`.
+    sockets: Arc<[u64]>,
     watchdog: Option<Duration>,
     ready_timeout: Duration,
     stop_signal: Signal,
@@ -391,6 +400,9 @@ impl Watch {
         let mut probe = match (&self.ready_check, self.port) {
             (ReadyCheck::Http { .. } | ReadyCheck::Tcp, Some(port)) => {
                 Some(tokio::spawn(crate::probe::until_ready(self.ready_check.clone(), port, self.pid)))
+            }
+            (ReadyCheck::Accepting, _) => {
+                Some(tokio::spawn(crate::accepting::until_accepting(self.pid, self.sockets.clone())))
             }
             _ => None,
         };

@@ -215,7 +215,7 @@ fn supd_is_a_native_notify_reload_service_under_real_systemd() {
     let s = ct.status();
     assert!(s.apps[0].instances.iter().all(|i| i.state == WorkerState::Ready), "{s:?}");
     let shown = ct.ok("systemctl status supd --no-pager || true");
-    assert!(shown.contains("Status: \"1 apps, 2/2 workers ready\""), "{shown}");
+    assert!(shown.contains("Status: \"1 app, 2/2 workers ready\""), "{shown}");
 
     // reload after a config change rolls every worker and returns when done.
     let before = ct.pids();

@@ -179,7 +179,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             }
         });
     }
-    tracing::info!(socket = %sc.control_socket.display(), "supd {} running {} apps", env!("CARGO_PKG_VERSION"), sup.apps().len());
+    tracing::info!(socket = %sc.control_socket.display(), "supd {} running {}", env!("CARGO_PKG_VERSION"), sup_proto::count(sup.apps().len(), "app"));
 
     let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;

@@ -20,8 +20,10 @@ pub struct SupervisorConfig {
     pub control_socket: PathBuf,
     /// Permission bits of the control socket.
     pub control_socket_mode: u32,
-    /// Group owning the control socket.
+    /// Group owning the control socket; its members may act.
     pub control_socket_group: Option<Group>,
+    /// Group whose members may only read (status, logs, ...), never act.
+    pub control_socket_read_group: Option<Group>,
     /// Directory for runtime files.
     pub run_dir: PathBuf,
     /// Directory for app logs.
@@ -57,6 +59,24 @@ impl RawSupervisor {
             None => None,
             Some(g) => {
                 Some(lookup_group(g.get_ref()).map_err(|m| src.error(g.span(), key("control_socket_group"), m))?)
+            }
+        };
+        let control_socket_read_group = match self.control_socket_read_group {
+            None => None,
+            Some(g) => {
+                let group = lookup_group(g.get_ref()).map_err(|m| src.error(g.span(), key("control_socket_read_group"), m))?;
+                if control_socket_group.as_ref().is_some_and(|w| w.gid == group.gid) {
+                    return Err(src.error(
+                        g.span(),
+                        key("control_socket_read_group"),
+                        format!(
+                            "group `{}` is also control_socket_group, whose members may act: \
+                             give the read-only role a group of its own",
+                            group.name
+                        ),
+                    ));
+                }
+                Some(group)
             }
         };
         let monitor_interval = match self.monitor_interval {
@@ -102,6 +122,7 @@ impl RawSupervisor {
             control_socket,
             control_socket_mode: self.control_socket_mode.map_or(0o660, |m| m.0),
             control_socket_group,
+            control_socket_read_group,
             run_dir,
             log_dir: self.log_dir.map_or_else(default_log_dir, |d| resolve(base, &d)),
             monitor_interval,

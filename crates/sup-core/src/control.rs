@@ -378,7 +378,7 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
         };
         let cmd = cmd.unwrap_or_else(|| "?".into());
         if peer.role == Role::Read {
-            tracing::warn!(uid = peer.uid, pid = peer.pid, cmdline = %cmd, "control: refused {what} from a read-only peer");
+            tracing::warn!(uid = peer.uid, pid = peer.pid, cmdline = ?cmd, "control: refused {what} from a read-only peer");
             return error(
                 StatusCode::FORBIDDEN,
                 "read_only",
@@ -388,7 +388,7 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
                 ),
             );
         }
-        tracing::info!(uid = peer.uid, pid = peer.pid, cmdline = %cmd, "control: {what}");
+        tracing::info!(uid = peer.uid, pid = peer.pid, cmdline = ?cmd, "control: {what}");
     }
     let Some(rest) = path.strip_prefix(API_PREFIX) else {
         return error(

@@ -468,16 +468,21 @@ impl SlotTask {
             // Nobody will accept here: refuse (or migrate) rather than let clients wait.
             self.env.close_sockets();
         }
-        tracing::info!(
-            app = self.app(),
-            slot = self.slot,
-            pid = pids.pid,
-            old_pid = pids.old_pid,
-            new_pid = pids.new_pid,
-            "{} -> {}: {reason}",
-            from.as_str(),
-            to.as_str()
-        );
+        if from == to && to == WorkerState::Stopped {
+            // Nothing happened to a process: not a transition worth a line.
+            tracing::debug!(app = self.app(), slot = self.slot, "still stopped: {reason}");
+        } else {
+            tracing::info!(
+                app = self.app(),
+                slot = self.slot,
+                pid = pids.pid,
+                old_pid = pids.old_pid,
+                new_pid = pids.new_pid,
+                "{} -> {}: {reason}",
+                from.as_str(),
+                to.as_str()
+            );
+        }
         self.publish(reason);
     }
 

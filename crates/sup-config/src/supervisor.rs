@@ -207,4 +207,43 @@ mod tests {
             assert_eq!(err(src), *want, "{src}");
         }
     }
+
+    #[test]
+    fn a_read_group_of_its_own() {
+        let s = parse_ok("[supervisor]\ncontrol_socket_group = \"root\"\ncontrol_socket_read_group = \"daemon\"\n").supervisor;
+        assert_eq!(s.control_socket_read_group.map(|g| (g.name, g.gid)), Some(("daemon".to_string(), 1)));
+        assert_eq!(parse_ok("").supervisor.control_socket_read_group, None);
+        let cases = [
+            (
+                "[supervisor]\ncontrol_socket_read_group = \"nogroup-xyz\"\n",
+                "/x/sup.toml:2:29: key `supervisor.control_socket_read_group`: unknown group `nogroup-xyz`",
+            ),
+            (
+                "[supervisor]\ncontrol_socket_group = \"root\"\ncontrol_socket_read_group = 0\n",
+                "/x/sup.toml:3:29: key `supervisor.control_socket_read_group`: group `root` is also control_socket_group, whose members may act: give the read-only role a group of its own",
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(err(src), want, "{src}");
+        }
+    }
+
+    #[test]
+    fn a_read_group_that_cannot_connect_is_warned_about() {
+        let warn = |extra: &str| {
+            crate::warnings(&parse_ok(&format!("[supervisor]\ncontrol_socket_read_group = \"daemon\"\n{extra}")))
+                .into_iter()
+                .filter(|w| w.contains("control_socket_read_group"))
+                .collect::<Vec<_>>()
+        };
+        // The socket belongs to the read group with 0660, or anyone may connect: fine.
+        assert!(warn("").is_empty());
+        assert!(warn("control_socket_group = \"root\"\ncontrol_socket_mode = \"0666\"\n").is_empty());
+        // The socket belongs to the acting group, and others may not connect.
+        assert_eq!(
+            warn("control_socket_group = \"root\"\n"),
+            ["members of control_socket_read_group `daemon` cannot open the control socket (group `root`, mode 0660): \
+              set control_socket_mode = \"0666\"; that is safe, supd decides from each peer's credentials"]
+        );
+    }
 }

@@ -240,11 +240,7 @@ fn counts_and_summaries_read_right() {
 #[test]
 fn shutdown_does_not_log_stopped_to_stopped() {
     let port = free_port();
-    let d = Daemon::start(&format!(
-        "{}{}",
-        app("web", 1, port, ""),
-        app("idle", 2, free_port(), "autostart = false")
-    ));
+    let d = Daemon::start(&format!("{}{}", app("web", 1, port, ""), app("idle", 2, free_port(), "autostart = false")));
     d.wait_ready("web", 1);
     // One stopped by request, one that never started: neither is a transition at shutdown.
     let out = d.supctl(&["stop", "web"]);
@@ -266,7 +262,8 @@ fn the_readme_tour_config_path_survives_a_cd() {
     // Without its comment, which would swallow the rest of the script.
     let export = line.split(" #").next().unwrap_or(line).trim();
     // Run the line as a reader would, in the clone, then change directory.
-    let script = format!("cd '{}' && {export} && cd / && exec '{}' config check", root.display(), bin("supctl").display());
+    let script =
+        format!("cd '{}' && {export} && cd / && exec '{}' config check", root.display(), bin("supctl").display());
     let out = Command::new("sh").arg("-c").arg(&script).output().expect("sh");
     assert!(
         out.status.success(),

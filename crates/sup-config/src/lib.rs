@@ -380,7 +380,8 @@ pub fn warnings(cfg: &Config) -> Vec<String> {
     if let Some(read) = &s.control_socket_read_group {
         // Connecting to a Unix socket needs write permission on its file.
         let file_group = s.control_socket_group.as_ref().unwrap_or(read);
-        let reachable = s.control_socket_mode & 0o002 != 0 || (file_group.gid == read.gid && s.control_socket_mode & 0o020 != 0);
+        let reachable =
+            s.control_socket_mode & 0o002 != 0 || (file_group.gid == read.gid && s.control_socket_mode & 0o020 != 0);
         if !reachable {
             out.push(format!(
                 "members of control_socket_read_group `{}` cannot open the control socket (group `{}`, mode {:04o}): \

@@ -64,7 +64,8 @@ impl RawSupervisor {
         let control_socket_read_group = match self.control_socket_read_group {
             None => None,
             Some(g) => {
-                let group = lookup_group(g.get_ref()).map_err(|m| src.error(g.span(), key("control_socket_read_group"), m))?;
+                let group =
+                    lookup_group(g.get_ref()).map_err(|m| src.error(g.span(), key("control_socket_read_group"), m))?;
                 if control_socket_group.as_ref().is_some_and(|w| w.gid == group.gid) {
                     return Err(src.error(
                         g.span(),
@@ -210,7 +211,8 @@ mod tests {
 
     #[test]
     fn a_read_group_of_its_own() {
-        let s = parse_ok("[supervisor]\ncontrol_socket_group = \"root\"\ncontrol_socket_read_group = \"daemon\"\n").supervisor;
+        let s = parse_ok("[supervisor]\ncontrol_socket_group = \"root\"\ncontrol_socket_read_group = \"daemon\"\n")
+            .supervisor;
         assert_eq!(s.control_socket_read_group.map(|g| (g.name, g.gid)), Some(("daemon".to_string(), 1)));
         assert_eq!(parse_ok("").supervisor.control_socket_read_group, None);
         let cases = [

@@ -872,8 +872,10 @@ impl App {
                 }
             }
             let why = format!("scale-up from {current} to {n} instances");
-            tracing::info!(app = %self.name, from = current, to = n, "{why}: starting slots {current}..{}", n - 1);
-            let pending: Vec<_> = added.iter().map(|h| (h.slot, h.start_for(spec.clone(), fence, why.clone(), None))).collect();
+            let slots: Vec<String> = (current..n).map(|s| s.to_string()).collect();
+            tracing::info!(app = %self.name, from = current, to = n, "{why}: starting slot(s) {}", slots.join(", "));
+            let pending: Vec<_> =
+                added.iter().map(|h| (h.slot, h.start_for(spec.clone(), fence, why.clone(), None))).collect();
             let mut failures = Vec::new();
             let mut cancelled = false;
             let mut started = Vec::new();

@@ -176,7 +176,8 @@ fn peer_groups(fd: RawFd) -> Vec<u32> {
 /// The command line of process `pid`, for the log (blocking: reads /proc).
 fn cmdline(pid: i32) -> Option<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let text: String = String::from_utf8_lossy(&raw).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ");
+    let text: String =
+        String::from_utf8_lossy(&raw).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ");
     let mut text: String = text.chars().filter(|c| !c.is_control()).collect();
     if text.chars().count() > MAX_CMDLINE_LOGGED {
         text = text.chars().take(MAX_CMDLINE_LOGGED).collect::<String>() + "…";
@@ -196,7 +197,14 @@ struct Pools {
 
 impl Pools {
     /// Serves `stream` in a task of its own if its pool has room; never waits.
-    fn admit(&self, sup: Arc<Supervisor>, stream: tokio::net::UnixStream, role: Role, uid: Option<u32>, pid: Option<i32>) {
+    fn admit(
+        &self,
+        sup: Arc<Supervisor>,
+        stream: tokio::net::UnixStream,
+        role: Role,
+        uid: Option<u32>,
+        pid: Option<i32>,
+    ) {
         let allowed = role != Role::Stranger;
         let pool = if allowed { &self.limit } else { &self.strangers };
         let Ok(permit) = pool.clone().try_acquire_owned() else {

@@ -107,8 +107,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     // The socket file's group: the acting group, else the read-only one, so
     // that with mode 0660 its members can open it.
     let file_group = sc.control_socket_group.as_ref().or(sc.control_socket_read_group.as_ref()).map(|g| g.gid);
-    let listener =
-        control::bind(&sc.control_socket, sc.control_socket_mode, file_group).map_err(|e| e.to_string())?;
+    let listener = control::bind(&sc.control_socket, sc.control_socket_mode, file_group).map_err(|e| e.to_string())?;
     let own = OwnSocket::of(&sc.control_socket);
     // Bound before any worker starts, so a taken address fails cleanly.
     let metrics = match sc.metrics {

@@ -18,6 +18,7 @@ use sup_proto::exit;
 
 pub use sup_cli::supctl::ImportArgs;
 
+
 /// Runs `supctl import`; returns the exit status.
 pub fn run(args: &ImportArgs) -> i32 {
     match import(args) {

@@ -247,7 +247,7 @@ fn users_who_may_not_use_the_socket_are_refused_clearly() {
 #[test]
 fn members_of_the_socket_group_through_a_supplementary_group_are_served() {
     // `staff` (gid 50) owns the socket; nobody's own group is nogroup, so only
-    // its supplementary groups, read from /proc off the accept loop, let it in.
+    // its supplementary groups, as the kernel recorded them at connect (SO_PEERGROUPS), let it in.
     let d = daemon("control_socket_group = \"staff\"\ncontrol_socket_mode = \"0666\"");
     for p in [d.dir.path(), &d.dir.path().join("run")] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");

@@ -54,7 +54,7 @@ fn supd_tells_its_manager_ready_reloading_stopping_and_pings_the_watchdog() {
     let ready = mgr.expect("READY=1");
     // READY=1 comes only once the workers are ready.
     assert!(d.instances("web").iter().all(|i| i.state == WorkerState::Ready));
-    assert!(ready.contains("STATUS=1 apps, 2/2 workers ready"), "{ready}");
+    assert!(ready.contains("STATUS=1 app, 2/2 workers ready"), "{ready}");
     mgr.expect("WATCHDOG=1");
     mgr.expect("WATCHDOG=1");
     let before: Vec<_> = d.instances("web").iter().map(|i| i.pid).collect();

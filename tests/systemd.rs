@@ -242,7 +242,7 @@ fn unit_contract(ct: &Container, port: u16) {
     ct.ok("systemctl start supd");
     assert!(all_ready(ct, None), "{:?}", ct.status());
     let shown = ct.ok("systemctl status supd --no-pager || true");
-    assert!(shown.contains("2/2 workers ready"), "STATUS= shown: {shown}");
+    assert!(shown.contains("Status: \"1 app, 2/2 workers ready\""), "STATUS= shown: {shown}");
 
     // reload after a config change rolls every worker and returns when done.
     let before = ct.pids();

@@ -40,8 +40,13 @@ fuzz_target!(|data: &[u8]| {
     let h = harness();
     h.rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let allowed = data.first().is_some_and(|b| b & 1 == 0);
-        let peer = sup_core::control::Peer { allowed, uid: Some(1000), fd: None };
+        use sup_core::control::Role;
+        let role = match data.first().map(|b| b % 3) {
+            Some(0) => Role::Act,
+            Some(1) => Role::Read,
+            _ => Role::Stranger,
+        };
+        let peer = sup_core::control::Peer { role, uid: Some(1000), pid: None, fd: None };
         let conn = tokio::spawn(sup_core::control::serve_connection(h.sup.clone(), server, peer, h.followers.clone()));
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;

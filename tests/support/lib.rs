@@ -205,6 +205,14 @@ impl Daemon {
         wait_until("supd to exit", DEADLINE, || child.try_wait().ok().flatten())
     }
 
+    /// Sends SIGTERM and waits for supd to exit; the second value reads
+    /// supd's log, still filling from its last buffered lines.
+    pub fn stop_with_log(self) -> (ExitStatus, impl Fn() -> String) {
+        let log = self.log.clone();
+        let status = self.stop();
+        (status, move || log.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
     /// Waits for supd to exit by itself.
     pub fn wait_exit(mut self) -> ExitStatus {
         let mut child = self.child.take().expect("child");

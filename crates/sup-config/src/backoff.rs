@@ -17,7 +17,8 @@ pub struct Backoff {
     pub multiplier: f64,
     /// Largest delay; at least `initial`.
     pub max: Duration,
-    /// A worker that stayed up this long resets the attempt count.
+    /// A worker that stayed ready at least this long served: its death is
+    /// restarted at once and starts the count over (PM2's `min_uptime`).
     pub reset_after: Duration,
 }
 
@@ -27,7 +28,7 @@ impl Default for Backoff {
             initial: Duration::from_millis(100),
             multiplier: 1.5,
             max: Duration::from_secs(15),
-            reset_after: Duration::from_secs(30),
+            reset_after: Duration::from_secs(1),
         }
     }
 }

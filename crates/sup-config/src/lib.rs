@@ -376,5 +376,19 @@ pub fn warnings(cfg: &Config) -> Vec<String> {
             }
         }
     }
+    let s = &cfg.supervisor;
+    if let Some(read) = &s.control_socket_read_group {
+        // Connecting to a Unix socket needs write permission on its file.
+        let file_group = s.control_socket_group.as_ref().unwrap_or(read);
+        let reachable =
+            s.control_socket_mode & 0o002 != 0 || (file_group.gid == read.gid && s.control_socket_mode & 0o020 != 0);
+        if !reachable {
+            out.push(format!(
+                "members of control_socket_read_group `{}` cannot open the control socket (group `{}`, mode {:04o}): \
+                 set control_socket_mode = \"0666\"; that is safe, supd decides from each peer's credentials",
+                read.name, file_group.name, s.control_socket_mode
+            ));
+        }
+    }
     out
 }

@@ -39,6 +39,7 @@ pub(crate) struct RawSupervisor {
     pub control_socket: Option<String>,
     pub control_socket_mode: Option<ModeValue>,
     pub control_socket_group: Option<Spanned<IdOrName>>,
+    pub control_socket_read_group: Option<Spanned<IdOrName>>,
     pub run_dir: Option<String>,
     pub log_dir: Option<String>,
     pub monitor_interval: Option<Spanned<DurationValue>>,

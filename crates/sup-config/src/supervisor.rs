@@ -20,8 +20,10 @@ pub struct SupervisorConfig {
     pub control_socket: PathBuf,
     /// Permission bits of the control socket.
     pub control_socket_mode: u32,
-    /// Group owning the control socket.
+    /// Group owning the control socket; its members may act.
     pub control_socket_group: Option<Group>,
+    /// Group whose members may only read (status, logs, ...), never act.
+    pub control_socket_read_group: Option<Group>,
     /// Directory for runtime files.
     pub run_dir: PathBuf,
     /// Directory for app logs.
@@ -57,6 +59,25 @@ impl RawSupervisor {
             None => None,
             Some(g) => {
                 Some(lookup_group(g.get_ref()).map_err(|m| src.error(g.span(), key("control_socket_group"), m))?)
+            }
+        };
+        let control_socket_read_group = match self.control_socket_read_group {
+            None => None,
+            Some(g) => {
+                let group =
+                    lookup_group(g.get_ref()).map_err(|m| src.error(g.span(), key("control_socket_read_group"), m))?;
+                if control_socket_group.as_ref().is_some_and(|w| w.gid == group.gid) {
+                    return Err(src.error(
+                        g.span(),
+                        key("control_socket_read_group"),
+                        format!(
+                            "group `{}` is also control_socket_group, whose members may act: \
+                             give the read-only role a group of its own",
+                            group.name
+                        ),
+                    ));
+                }
+                Some(group)
             }
         };
         let monitor_interval = match self.monitor_interval {
@@ -102,6 +123,7 @@ impl RawSupervisor {
             control_socket,
             control_socket_mode: self.control_socket_mode.map_or(0o660, |m| m.0),
             control_socket_group,
+            control_socket_read_group,
             run_dir,
             log_dir: self.log_dir.map_or_else(default_log_dir, |d| resolve(base, &d)),
             monitor_interval,
@@ -185,5 +207,45 @@ mod tests {
         for (src, want) in cases {
             assert_eq!(err(src), *want, "{src}");
         }
+    }
+
+    #[test]
+    fn a_read_group_of_its_own() {
+        let s = parse_ok("[supervisor]\ncontrol_socket_group = \"root\"\ncontrol_socket_read_group = \"daemon\"\n")
+            .supervisor;
+        assert_eq!(s.control_socket_read_group.map(|g| (g.name, g.gid)), Some(("daemon".to_string(), 1)));
+        assert_eq!(parse_ok("").supervisor.control_socket_read_group, None);
+        let cases = [
+            (
+                "[supervisor]\ncontrol_socket_read_group = \"nogroup-xyz\"\n",
+                "/x/sup.toml:2:29: key `supervisor.control_socket_read_group`: unknown group `nogroup-xyz`",
+            ),
+            (
+                "[supervisor]\ncontrol_socket_group = \"root\"\ncontrol_socket_read_group = 0\n",
+                "/x/sup.toml:3:29: key `supervisor.control_socket_read_group`: group `root` is also control_socket_group, whose members may act: give the read-only role a group of its own",
+            ),
+        ];
+        for (src, want) in cases {
+            assert_eq!(err(src), want, "{src}");
+        }
+    }
+
+    #[test]
+    fn a_read_group_that_cannot_connect_is_warned_about() {
+        let warn = |extra: &str| {
+            crate::warnings(&parse_ok(&format!("[supervisor]\ncontrol_socket_read_group = \"daemon\"\n{extra}")))
+                .into_iter()
+                .filter(|w| w.contains("control_socket_read_group"))
+                .collect::<Vec<_>>()
+        };
+        // The socket belongs to the read group with 0660, or anyone may connect: fine.
+        assert!(warn("").is_empty());
+        assert!(warn("control_socket_group = \"root\"\ncontrol_socket_mode = \"0666\"\n").is_empty());
+        // The socket belongs to the acting group, and others may not connect.
+        assert_eq!(
+            warn("control_socket_group = \"root\"\n"),
+            ["members of control_socket_read_group `daemon` cannot open the control socket (group `root`, mode 0660): \
+              set control_socket_mode = \"0666\"; that is safe, supd decides from each peer's credentials"]
+        );
     }
 }

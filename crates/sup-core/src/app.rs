@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use sup_config::AppConfig;
-use sup_proto::{AppResult, AppStatus, HistoryEntry, InstanceStatus, RestartReason, RolloutEvent};
+use sup_proto::{AppResult, AppStatus, HistoryEntry, InstanceStatus, RestartReason, RolloutEvent, WorkerState};
 use tokio::sync::mpsc;
 
 use crate::history::History;
@@ -195,19 +195,26 @@ impl App {
             .iter()
             .map(|s| {
                 let v = s.view.borrow();
+                // The slot hears of an exit a moment after the kernel does:
+                // never show a process that has exited as running.
+                let exited = v.pid.filter(|p| self.ctx.spawner.has_exited(*p));
                 let sample = samples.get(&(self.name.clone(), s.slot)).filter(|x| Some(x.pid) == v.pid).copied();
+                let sample = sample.filter(|_| exited.is_none());
                 InstanceStatus {
                     slot: v.slot,
                     pid: v.pid.map(|p| p as u32),
-                    state: v.state,
+                    state: if exited.is_some() { WorkerState::Exited } else { v.state },
                     restarts: v.restarts,
-                    uptime_ms: v.since.map(|t| t.elapsed().as_millis() as u64),
+                    uptime_ms: v.since.filter(|_| exited.is_none()).map(|t| t.elapsed().as_millis() as u64),
                     cpu_percent: sample.map(|x| (x.cpu_percent * 10.0).round() / 10.0),
                     rss_bytes: sample.map(|x| x.rss_bytes),
                     tree_rss_bytes: sample.map(|x| x.tree_rss_bytes),
                     cpu_seconds: sample.map(|x| x.cpu_seconds),
-                    reason: v.reason.clone(),
-                    status_text: v.status_text.clone(),
+                    reason: match exited {
+                        Some(p) => format!("pid {p} has exited; supd is restarting it or deciding what next"),
+                        None => v.reason.clone(),
+                    },
+                    status_text: v.status_text.clone().filter(|_| exited.is_none()),
                     last_restart_reason: v.last_restart_reason,
                     version: v.version,
                     release: v.release.as_ref().map(|r| r.display().to_string()),
@@ -326,6 +333,8 @@ impl App {
     pub async fn restart(self: &Arc<Self>, wait: bool) -> AppResult {
         self.run_op("restart", wait, |app, fence| async move {
             let slots = app.slots();
+            // A slot that had a worker counts the restart (as a reload does); one that was stopped just starts.
+            let ran: Vec<bool> = slots.iter().map(|s| s.view.borrow().pid.is_some()).collect();
             // Sockets stay open: clients wait for the new workers instead of being refused.
             let stops: Vec<_> = slots.iter().map(|s| s.stop(fence, true)).collect();
             for fut in stops {
@@ -335,7 +344,14 @@ impl App {
                 Ok(s) => s,
                 Err(e) => return app.fail(format!("restart of `{}` failed: {e}", app.name)),
             };
-            let starts: Vec<_> = slots.iter().map(|s| (s.slot, s.start(spec.clone(), fence))).collect();
+            let starts: Vec<_> = slots
+                .iter()
+                .zip(ran)
+                .map(|(s, ran)| {
+                    let counts = ran.then_some(RestartReason::Restart);
+                    (s.slot, s.start_for(spec.clone(), fence, "restart requested".into(), counts))
+                })
+                .collect();
             let outcome = collect(starts).await;
             app.result("restart", slots.len(), "restarted", outcome)
         })
@@ -855,12 +871,18 @@ impl App {
                     }
                 }
             }
-            let pending: Vec<_> = added.iter().map(|h| (h.slot, h.start(spec.clone(), fence))).collect();
+            let why = format!("scale-up from {current} to {n} instances");
+            let slots: Vec<String> = (current..n).map(|s| s.to_string()).collect();
+            tracing::info!(app = %self.name, from = current, to = n, "{why}: starting slot(s) {}", slots.join(", "));
+            let pending: Vec<_> =
+                added.iter().map(|h| (h.slot, h.start_for(spec.clone(), fence, why.clone(), None))).collect();
             let mut failures = Vec::new();
             let mut cancelled = false;
+            let mut started = Vec::new();
             for (slot, fut) in pending {
                 match fut.await {
                     Ok(r) => {
+                        started.push(format!("slot {slot} pid {}", r.new_pid));
                         let _ = progress.send(RolloutEvent::SlotAdded {
                             app: self.name.clone(),
                             slot,
@@ -892,14 +914,24 @@ impl App {
                     failures.join("\n")
                 ));
             }
+            let what = format!("scaled from {current} to {n} instances: started {}", started.join(", "));
+            tracing::info!(app = %self.name, from = current, to = n, "{what}");
+            return self.scaled(&spec, n, &what);
         } else if n < current {
             self.remove_slots(n, fence, progress).await;
         }
+        let what = format!("scaled from {current} to {n} instances");
+        tracing::info!(app = %self.name, from = current, to = n, "{what}");
+        self.scaled(&spec, n, &what)
+    }
+
+    /// A scale succeeded: the app's spec has `n` instances from now on.
+    fn scaled(&self, spec: &AppSpec, n: u32, what: &str) -> AppResult {
         self.ctx.recorder.rollout(&self.name, "scale", "success");
         let mut cfg = spec.cfg.clone();
         cfg.instances = n;
         self.inner().spec = Arc::new(AppSpec { cfg, version: spec.version, release: spec.release.clone() });
-        self.result_ok(&format!("scaled from {current} to {n} instances"))
+        self.result_ok(what)
     }
 
     /// Stops slots `keep..` and closes their sockets once their workers are gone.

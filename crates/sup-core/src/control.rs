@@ -43,8 +43,14 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// `logs -f` followers at once: each holds a connection and a bounded queue.
 const MAX_FOLLOWERS: usize = 32;
-/// Peers being checked for a supplementary group at once; more are closed at once.
-const MAX_GROUP_CHECKS: usize = 64;
+/// Most supplementary groups read from a peer's credentials (the kernel's NGROUPS_MAX).
+const MAX_PEER_GROUPS: usize = 65_536;
+/// Longest command line of a peer written into supd's log.
+const MAX_CMDLINE_LOGGED: usize = 512;
+/// Time given to reading a peer's command line before an acting request is logged without it.
+const CMDLINE_TIMEOUT: Duration = Duration::from_millis(500);
+/// The routes a member of `control_socket_read_group` may use, all with GET: they change nothing.
+const READ_ROUTES: &[&str] = &["/status", "/logs", "/describe", "/events", "/history"];
 
 /// Why the control socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -100,56 +106,83 @@ pub fn bind(path: &Path, mode: u32, group: Option<u32>) -> Result<UnixListener, 
     Ok(listener)
 }
 
-/// Who may talk to supd: root, supd's own user, and members of the socket's group.
+/// Who may talk to supd: root, supd's own user and members of
+/// `control_socket_group` may do anything; members of
+/// `control_socket_read_group` may only read.
 #[derive(Debug, Clone, Copy)]
 pub struct Access {
     /// supd's effective uid.
     pub owner: u32,
-    /// The control socket's group, if configured.
+    /// `control_socket_group`: its members may act.
     pub group: Option<u32>,
+    /// `control_socket_read_group`: its members may read.
+    pub read_group: Option<u32>,
 }
 
-/// What a peer's credentials tell without reading /proc.
+/// What a peer may do on the control socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
-    /// Root, supd's own user, or the socket's group as its primary group.
-    Allowed,
-    /// No way in.
-    Refused,
-    /// Allowed if process `pid` has `group` among its supplementary groups.
-    AskGroups {
-        /// The peer's process.
-        pid: i32,
-        /// The socket's group.
-        group: u32,
-    },
+pub enum Role {
+    /// Everything: root, supd's own user, members of `control_socket_group`.
+    Act,
+    /// Only the read routes: members of `control_socket_read_group`.
+    Read,
+    /// Nothing: every request is answered 403.
+    Stranger,
 }
 
 impl Access {
-    fn verdict(&self, uid: u32, gid: u32, pid: Option<i32>) -> Verdict {
+    /// The role of a peer from its credentials as the kernel gave them at
+    /// connect: uid, primary gid and exact supplementary groups.
+    fn role(&self, uid: u32, gid: u32, groups: &[u32]) -> Role {
         if uid == 0 || uid == self.owner {
-            return Verdict::Allowed;
+            return Role::Act;
         }
-        let Some(group) = self.group else { return Verdict::Refused };
-        if gid == group {
-            return Verdict::Allowed;
+        let member = |g: Option<u32>| g.is_some_and(|g| gid == g || groups.contains(&g));
+        if member(self.group) {
+            Role::Act
+        } else if member(self.read_group) {
+            Role::Read
+        } else {
+            Role::Stranger
         }
-        // SO_PEERCRED carries only the primary group; members through a
-        // supplementary group are found in the peer's /proc status.
-        pid.map_or(Verdict::Refused, |pid| Verdict::AskGroups { pid, group })
     }
 }
 
-/// The supplementary groups of process `pid` (blocking: reads /proc).
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
-        })
-        .unwrap_or_default()
+/// The supplementary groups of the peer of `fd` as they were at connect
+/// (`SO_PEERGROUPS`): exact, and unlike the peer's /proc status neither
+/// blocking nor racing with the peer's exit. Empty if the kernel cannot tell.
+fn peer_groups(fd: RawFd) -> Vec<u32> {
+    let mut groups = vec![0u32; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into `groups`, which holds that many.
+        let r = unsafe {
+            libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERGROUPS, groups.as_mut_ptr().cast(), &mut len)
+        };
+        let n = len as usize / std::mem::size_of::<u32>();
+        if r == 0 {
+            groups.truncate(n);
+            return groups;
+        }
+        // ERANGE: `len` now says how much room the list needs.
+        if nix::errno::Errno::last() == nix::errno::Errno::ERANGE && n > groups.len() && n <= MAX_PEER_GROUPS {
+            groups.resize(n, 0);
+            continue;
+        }
+        return Vec::new();
+    }
+}
+
+/// The command line of process `pid`, for the log (blocking: reads /proc).
+fn cmdline(pid: i32) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let text: String =
+        String::from_utf8_lossy(&raw).split('\0').filter(|a| !a.is_empty()).collect::<Vec<_>>().join(" ");
+    let mut text: String = text.chars().filter(|c| !c.is_control()).collect();
+    if text.chars().count() > MAX_CMDLINE_LOGGED {
+        text = text.chars().take(MAX_CMDLINE_LOGGED).collect::<String>() + "…";
+    }
+    Some(text)
 }
 
 /// The places connections take: allowed peers, strangers, and busy refusals.
@@ -164,7 +197,15 @@ struct Pools {
 
 impl Pools {
     /// Serves `stream` in a task of its own if its pool has room; never waits.
-    fn admit(&self, sup: Arc<Supervisor>, stream: tokio::net::UnixStream, allowed: bool, uid: Option<u32>) {
+    fn admit(
+        &self,
+        sup: Arc<Supervisor>,
+        stream: tokio::net::UnixStream,
+        role: Role,
+        uid: Option<u32>,
+        pid: Option<i32>,
+    ) {
+        let allowed = role != Role::Stranger;
         let pool = if allowed { &self.limit } else { &self.strangers };
         let Ok(permit) = pool.clone().try_acquire_owned() else {
             // Each refusal holds its connection for a moment; beyond a few, close at once.
@@ -177,7 +218,7 @@ impl Pools {
             }
             return;
         };
-        let peer = Peer { allowed, uid, fd: Some(stream.as_raw_fd()) };
+        let peer = Peer { role, uid, pid, fd: Some(stream.as_raw_fd()) };
         let followers = self.followers.clone();
         tokio::spawn(async move {
             serve_connection(sup, stream, peer, followers).await;
@@ -191,8 +232,8 @@ impl Pools {
 /// The accept loop never waits: a connection over the limit gets a 503 at
 /// once, and peers that may not use the socket share a small pool of their
 /// own, so neither can keep an allowed `supctl` waiting. Nor does it read
-/// /proc: a peer that may be a member of the socket's group only through a
-/// supplementary group is checked in a task of its own, off the event loop.
+/// /proc: a peer's role comes from the credentials the kernel recorded at
+/// connect (`SO_PEERCRED`, `SO_PEERGROUPS`).
 pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access, max_connections: usize) {
     let pools = Pools {
         limit: Arc::new(Semaphore::new(max_connections.max(1))),
@@ -201,7 +242,6 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access,
         max_connections,
         followers: Followers::new(MAX_FOLLOWERS),
     };
-    let checks = Arc::new(Semaphore::new(MAX_GROUP_CHECKS));
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -213,23 +253,13 @@ pub async fn serve(sup: Arc<Supervisor>, listener: UnixListener, access: Access,
             }
         };
         let peer = stream.peer_cred().ok();
-        let peer_uid = peer.map(|c| c.uid());
-        match peer.map_or(Verdict::Refused, |c| access.verdict(c.uid(), c.gid(), c.pid())) {
-            Verdict::Allowed => pools.admit(sup.clone(), stream, true, peer_uid),
-            Verdict::Refused => pools.admit(sup.clone(), stream, false, peer_uid),
-            Verdict::AskGroups { pid, group } => {
-                // Checks are quick but may block on /proc; beyond a few at once, close.
-                let Ok(checking) = checks.clone().try_acquire_owned() else { continue };
-                let (sup, pools) = (sup.clone(), pools.clone());
-                tokio::spawn(async move {
-                    let member = tokio::task::spawn_blocking(move || supplementary_groups(pid).contains(&group))
-                        .await
-                        .unwrap_or(false);
-                    drop(checking);
-                    pools.admit(sup, stream, member, peer_uid);
-                });
-            }
-        }
+        let role = match peer {
+            // The groups only matter to a peer that is neither root nor supd's user.
+            Some(c) if c.uid() == 0 || c.uid() == access.owner => Role::Act,
+            Some(c) => access.role(c.uid(), c.gid(), &peer_groups(stream.as_raw_fd())),
+            None => Role::Stranger,
+        };
+        pools.admit(sup.clone(), stream, role, peer.map(|c| c.uid()), peer.and_then(|c| c.pid()));
     }
 }
 
@@ -282,10 +312,12 @@ impl Followers {
 /// The client at the other end of a control connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer {
-    /// Whether it may use the API; if not, every request is answered 403.
-    pub allowed: bool,
-    /// Its uid, for the 403 message.
+    /// What it may do; a stranger's every request is answered 403.
+    pub role: Role,
+    /// Its uid, for the 403 message and the log of acting requests.
     pub uid: Option<u32>,
+    /// Its pid at connect, for the log of acting requests.
+    pub pid: Option<i32>,
     /// The connection's socket, if it is one: a follower watches it to notice its client hanging up.
     pub fd: Option<RawFd>,
 }
@@ -337,11 +369,35 @@ fn api_error(e: ApiError) -> Resp {
 }
 
 async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Request<Incoming>) -> Resp {
-    if !peer.allowed {
-        let who = peer.uid.map_or("an unknown peer".to_string(), |u| format!("uid {u}"));
+    let who = peer.uid.map_or("an unknown peer".to_string(), |u| format!("uid {u}"));
+    if peer.role == Role::Stranger {
         return error(StatusCode::FORBIDDEN, "forbidden", format!("{who} may not use this control socket"));
     }
     let path = req.uri().path().to_string();
+    let reads = req.method() == Method::GET && path.strip_prefix(API_PREFIX).is_some_and(|r| READ_ROUTES.contains(&r));
+    if !reads {
+        let what = format!("{} {}", req.method(), req.uri());
+        let cmd = match peer.pid {
+            Some(pid) => {
+                let read = tokio::task::spawn_blocking(move || cmdline(pid));
+                tokio::time::timeout(CMDLINE_TIMEOUT, read).await.ok().and_then(Result::ok).flatten()
+            }
+            None => None,
+        };
+        let cmd = cmd.unwrap_or_else(|| "?".into());
+        if peer.role == Role::Read {
+            tracing::warn!(uid = peer.uid, pid = peer.pid, cmdline = ?cmd, "control: refused {what} from a read-only peer");
+            return error(
+                StatusCode::FORBIDDEN,
+                "read_only",
+                format!(
+                    "{who} may only read (status, top, logs, describe, history, events): it is a member of \
+                     control_socket_read_group, and `{what}` acts"
+                ),
+            );
+        }
+        tracing::info!(uid = peer.uid, pid = peer.pid, cmdline = ?cmd, "control: {what}");
+    }
     let Some(rest) = path.strip_prefix(API_PREFIX) else {
         return error(
             StatusCode::NOT_FOUND,
@@ -769,32 +825,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_possible_supplementary_member_needs_proc() {
-        let open = Access { owner: 1000, group: None };
-        let grouped = Access { owner: 1000, group: Some(50) };
-        // (access, (uid, gid, pid), verdict)
-        type Case = (Access, (u32, u32, Option<i32>), Verdict);
+    fn roles_come_from_uid_and_exact_groups() {
+        let open = Access { owner: 1000, group: None, read_group: None };
+        let both = Access { owner: 1000, group: Some(50), read_group: Some(60) };
+        // (access, (uid, gid, supplementary groups), role)
+        type Case = (Access, (u32, u32, &'static [u32]), Role);
         let cases: &[Case] = &[
-            (open, (0, 0, Some(7)), Verdict::Allowed),
-            (open, (1000, 1000, Some(7)), Verdict::Allowed),
-            (open, (1001, 50, Some(7)), Verdict::Refused),
-            (grouped, (1001, 50, Some(7)), Verdict::Allowed),
-            (grouped, (1001, 1001, Some(7)), Verdict::AskGroups { pid: 7, group: 50 }),
-            (grouped, (1001, 1001, None), Verdict::Refused),
+            (open, (0, 0, &[]), Role::Act),
+            (open, (1000, 1000, &[]), Role::Act),
+            (open, (1001, 50, &[50, 60]), Role::Stranger),
+            (both, (1001, 50, &[]), Role::Act),
+            (both, (1001, 1001, &[60, 50]), Role::Act),
+            (both, (1001, 60, &[]), Role::Read),
+            (both, (1001, 1001, &[7, 60]), Role::Read),
+            (both, (1001, 1001, &[7, 61]), Role::Stranger),
         ];
-        for (access, (uid, gid, pid), want) in cases {
-            assert_eq!(access.verdict(*uid, *gid, *pid), *want, "{access:?} uid {uid} gid {gid}");
+        for (access, (uid, gid, groups), want) in cases {
+            assert_eq!(access.role(*uid, *gid, groups), *want, "{access:?} uid {uid} gid {gid} groups {groups:?}");
         }
     }
 
     #[test]
-    fn supplementary_groups_are_read_from_proc() {
-        let ours = nix::unistd::getgroups().expect("groups");
-        let mut want: Vec<u32> = ours.iter().map(|g| g.as_raw()).collect();
-        let mut got = supplementary_groups(std::process::id() as i32);
+    fn peer_groups_are_the_connecting_process_groups() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let mut want: Vec<u32> = nix::unistd::getgroups().expect("groups").iter().map(|g| g.as_raw()).collect();
+        let mut got = peer_groups(a.as_raw_fd());
         want.sort_unstable();
         got.sort_unstable();
         assert_eq!(got, want);
-        assert!(supplementary_groups(-1).is_empty());
+        assert!(peer_groups(-1).is_empty());
+    }
+
+    #[test]
+    fn a_command_line_is_read_for_the_log() {
+        let own = cmdline(std::process::id() as i32).expect("own cmdline");
+        assert!(own.contains("sup_core"), "{own}");
+        assert_eq!(cmdline(-1), None);
+    }
+
+    #[test]
+    fn only_gets_of_the_read_routes_read() {
+        assert!(READ_ROUTES.iter().all(|r| !r.is_empty() && r.starts_with('/')));
+        assert!(!READ_ROUTES.contains(&"/logs/flush") && !READ_ROUTES.contains(&"/signal"));
     }
 }

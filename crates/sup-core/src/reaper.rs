@@ -111,6 +111,33 @@ impl Reaper {
         unsafe { libc::killpg(pgid, sig) == 0 }
     }
 
+    /// Whether worker `pid` has exited as far as the kernel knows, even if its
+    /// exit has not reached its slot yet: it is no longer in the table (the
+    /// reaper took it), or it is a zombie waiting to be reaped. Never blocks.
+    pub fn has_exited(&self, pid: i32) -> bool {
+        // Under the lock: the reaper takes a child out of the table before
+        // reaping it, so a registered pid is still ours to peek at.
+        let waiters = self.lock();
+        if !waiters.contains_key(&pid) {
+            return true;
+        }
+        loop {
+            // SAFETY: siginfo_t is plain data; all zeroes is a valid value.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+            // SAFETY: waitid writes only into `info`, which we own; WNOWAIT leaves the child to the reaper.
+            if unsafe { libc::waitid(libc::P_PID, pid as libc::id_t, &mut info, flags) } != 0 {
+                match Errno::last() {
+                    Errno::EINTR => continue,
+                    // Not our child any more: reaped by someone.
+                    _ => return true,
+                }
+            }
+            // SAFETY: after a successful waitid the pid field is set (zero while the child runs).
+            return unsafe { info.si_pid() } != 0;
+        }
+    }
+
     /// Reaps every exited child without blocking.
     fn reap_all(&self) {
         loop {

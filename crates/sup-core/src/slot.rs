@@ -74,6 +74,28 @@ pub struct Replaced {
     pub ready_ms: u64,
 }
 
+/// The pids one lifecycle log line is about: `pid` is the process the line
+/// concerns (the one that died, stopped or became ready); when a second one
+/// is involved (a crash and its respawn, a replacement and the worker it
+/// drains), `old_pid` and `new_pid` name both.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pids {
+    pid: Option<i32>,
+    old_pid: Option<i32>,
+    new_pid: Option<i32>,
+}
+
+impl Pids {
+    fn one(pid: Option<i32>) -> Pids {
+        Pids { pid, ..Pids::default() }
+    }
+
+    /// `old` gave way to `new`; the line is about `subject`.
+    fn two(subject: i32, old: i32, new: i32) -> Pids {
+        Pids { pid: Some(subject), old_pid: Some(old), new_pid: Some(new) }
+    }
+}
+
 /// Why a start or replacement did not happen.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SlotError {
@@ -128,6 +150,8 @@ enum SlotCmd {
     Start {
         spec: Arc<AppSpec>,
         fence: u64,
+        why: String,
+        counts: Option<RestartReason>,
         reply: oneshot::Sender<ReplaceResult>,
     },
     Replace {
@@ -171,8 +195,21 @@ impl SlotHandle {
     /// `fence` is the app's stop fence when the operation was asked for. The
     /// command is sent at once; await the result to wait for it.
     pub fn start(&self, spec: Arc<AppSpec>, fence: u64) -> impl Future<Output = ReplaceResult> {
+        self.start_for(spec, fence, "start requested".into(), None)
+    }
+
+    /// Like [`SlotHandle::start`]; `why` is what the slot logs as the reason
+    /// (say, a scale-up), and a start that `counts` as a restart (an
+    /// operator's `restart`) is counted in the slot's restarts with that reason.
+    pub fn start_for(
+        &self,
+        spec: Arc<AppSpec>,
+        fence: u64,
+        why: String,
+        counts: Option<RestartReason>,
+    ) -> impl Future<Output = ReplaceResult> {
         let (reply, rx) = oneshot::channel();
-        self.send(SlotCmd::Start { spec, fence, reply });
+        self.send(SlotCmd::Start { spec, fence, why, counts, reply });
         async move { rx.await.unwrap_or(Err(SlotError::Gone)) }
     }
 
@@ -302,6 +339,8 @@ struct SlotTask {
     restarts: u32,
     attempt: u32,
     crashes: VecDeque<Instant>,
+    // When the current worker became ready: how long it served when it dies.
+    ready_at: Option<Instant>,
     mem_attempt: u32,
     mem_not_before: Option<Instant>,
     // A paused canary's previous version: a crash restarts that, not the canary.
@@ -347,6 +386,7 @@ pub fn spawn_slot(slot: u32, env: Arc<dyn SlotEnv>, spec: Arc<AppSpec>, fence: u
         restarts: 0,
         attempt: 0,
         crashes: VecDeque::new(),
+        ready_at: None,
         mem_attempt: 0,
         mem_not_before: None,
         fallback: None,
@@ -389,7 +429,7 @@ impl SlotTask {
                 },
                 Some(ev) = self.events_rx.recv() => self.on_event(ev).await,
                 _ = tokio::time::sleep_until(backoff.unwrap_or_else(Instant::now)), if backoff.is_some() => {
-                    self.spawn_current("backoff delay over".into()).await;
+                    self.spawn_current("backoff delay over".into(), None).await;
                 }
             }
             while self.next.is_none() {
@@ -410,18 +450,39 @@ impl SlotTask {
         self.state.worker().is_none() && self.next.is_none() && self.draining.is_empty()
     }
 
-    /// The one place where the state changes: logs the transition and publishes it.
+    /// Changes the state; the log line names the new state's worker.
     fn set_state(&mut self, state: State, reason: &str) {
+        let pids = Pids::one(state.worker().map(|w| w.pid));
+        self.transition(state, reason, pids);
+    }
+
+    /// The one place where the state changes: logs the transition, naming the
+    /// processes it is about, and publishes it.
+    fn transition(&mut self, state: State, reason: &str, pids: Pids) {
         // The last published state: callers may have moved the old one out already.
         let from = self.view.borrow().state;
         let to = state.kind();
         self.state = state;
+        self.ready_at = matches!(to, WorkerState::Ready).then(Instant::now);
         if matches!(to, WorkerState::Errored) || (matches!(to, WorkerState::Stopped) && !self.keep_sockets) {
             // Nobody will accept here: refuse (or migrate) rather than let clients wait.
             self.env.close_sockets();
         }
-        let pid = self.state.worker().map(|w| w.pid);
-        tracing::info!(app = self.app(), slot = self.slot, pid, "{} -> {}: {reason}", from.as_str(), to.as_str());
+        if from == to && to == WorkerState::Stopped {
+            // Nothing happened to a process: not a transition worth a line.
+            tracing::debug!(app = self.app(), slot = self.slot, "still stopped: {reason}");
+        } else {
+            tracing::info!(
+                app = self.app(),
+                slot = self.slot,
+                pid = pids.pid,
+                old_pid = pids.old_pid,
+                new_pid = pids.new_pid,
+                "{} -> {}: {reason}",
+                from.as_str(),
+                to.as_str()
+            );
+        }
         self.publish(reason);
     }
 
@@ -450,7 +511,7 @@ impl SlotTask {
             SlotCmd::Start { reply, fence, .. } | SlotCmd::Replace { reply, fence, .. } if fence < self.fence => {
                 let _ = reply.send(Err(SlotError::Cancelled));
             }
-            SlotCmd::Start { spec, reply, .. } => match &self.state {
+            SlotCmd::Start { spec, reply, why, counts, .. } => match &self.state {
                 State::Ready { worker } => {
                     let _ = reply.send(Ok(Replaced { old_pid: None, new_pid: worker.pid, ready_ms: 0 }));
                 }
@@ -463,7 +524,12 @@ impl SlotTask {
                     self.attempt = 0;
                     self.crashes.clear();
                     self.start_waiters.push(reply);
-                    self.spawn_current("start requested".into()).await;
+                    if let Some(reason) = counts {
+                        self.restarts += 1;
+                        self.last_restart_reason = Some(reason);
+                        self.env.on_restart(reason);
+                    }
+                    self.spawn_current(why, None).await;
                 }
             },
             cmd @ SlotCmd::Replace { .. } if self.next.is_some() => self.deferred.push_back(cmd),
@@ -599,7 +665,7 @@ impl SlotTask {
             self.attempt = 0;
             self.crashes.clear();
             self.start_waiters.push(reply);
-            self.spawn_current(format!("{} requested", reason.as_str())).await;
+            self.spawn_current(format!("{} requested", reason.as_str()), None).await;
             return;
         }
         match self.env.launch(spec, self.slot, self.events_tx.clone()).await {
@@ -608,6 +674,7 @@ impl SlotTask {
                 tracing::info!(
                     app = self.app(),
                     slot = self.slot,
+                    pid = worker.pid,
                     new_pid = worker.pid,
                     old_pid,
                     "replacement started ({})",
@@ -674,6 +741,7 @@ impl SlotTask {
                 // The rollout's rollback replaces it, new worker first.
                 self.fail_window(
                     id,
+                    pid,
                     format!(
                         "worker {pid} failed its health probe within min_healthy_time ({}): {why}",
                         humantime::format_duration(window)
@@ -721,15 +789,21 @@ impl SlotTask {
                 self.env.on_restart(next.reason);
                 self.env.on_ready(ready_ms);
                 self.status_text = None;
-                let reason = match &old {
-                    Some(old) => format!(
-                        "{} ready after {ready_ms} ms (new_pid {new_pid}); old_pid {} drains",
-                        next.reason.as_str(),
-                        old.pid
+                let (reason, pids) = match &old {
+                    Some(old) => (
+                        format!(
+                            "{} replacement pid {new_pid} ready after {ready_ms} ms; old pid {} drains",
+                            next.reason.as_str(),
+                            old.pid
+                        ),
+                        Pids::two(new_pid, old.pid, new_pid),
                     ),
-                    None => format!("{} ready after {ready_ms} ms (new_pid {new_pid})", next.reason.as_str()),
+                    None => (
+                        format!("{} replacement pid {new_pid} ready after {ready_ms} ms", next.reason.as_str()),
+                        Pids::one(Some(new_pid)),
+                    ),
                 };
-                self.set_state(State::Ready { worker: next.worker }, &reason);
+                self.transition(State::Ready { worker: next.worker }, &reason, pids);
                 let new_id = self.state.worker().map_or(0, |w| w.id);
                 // The old worker drains now: during the window only the new one
                 // serves the slot, so its health probe and its crashes are its own.
@@ -761,6 +835,8 @@ impl SlotTask {
                     app = self.app(),
                     slot = self.slot,
                     pid = next.worker.pid,
+                    old_pid = self.state.worker().map(|w| w.pid),
+                    new_pid = next.worker.pid,
                     "replacement failed: {}; keeping the current worker",
                     describe(info, failure.as_ref())
                 );
@@ -772,6 +848,11 @@ impl SlotTask {
     async fn on_current_exit(&mut self, info: ExitInfo, failure: Option<Failure>) {
         // STATUS= text belongs to the worker that sent it.
         self.status_text = None;
+        // How long it served: only a worker that was ready counts.
+        let served = match self.state {
+            State::Ready { .. } => self.ready_at.map(|t| t.elapsed()),
+            _ => None,
+        };
         let old = std::mem::replace(&mut self.state, State::Stopped { reason: String::new() });
         let (worker, was_stopping) = match old {
             State::Stopping { worker } => (worker, true),
@@ -792,7 +873,7 @@ impl SlotTask {
                 humantime::format_duration(window)
             );
             append_tail(&mut msg, &tail_lines(&worker.tail));
-            if let Some(prev) = self.fail_window(worker.id, msg) {
+            if let Some(prev) = self.fail_window(worker.id, pid, msg) {
                 // The slot goes back at once to what it ran before the rollout.
                 self.spec = prev;
                 self.attempt = 0;
@@ -821,9 +902,10 @@ impl SlotTask {
             restore = true;
         }
         if was_stopping {
-            self.set_state(
+            self.transition(
                 State::Stopped { reason: format!("stopped ({info})") },
                 &format!("pid {pid} stopped ({info})"),
+                Pids::one(Some(pid)),
             );
             self.finish_stop();
             return;
@@ -835,8 +917,9 @@ impl SlotTask {
         if let Some(next) = self.next.take() {
             // The old worker died mid-rollout: the replacement takes the slot as it is.
             self.start_waiters.push(next.reply);
-            let reason = format!("pid {pid} {what}; replacement new_pid {} takes over", next.worker.pid);
-            self.set_state(State::Starting { worker: next.worker }, &reason);
+            let new_pid = next.worker.pid;
+            let reason = format!("pid {pid} {what}; replacement pid {new_pid} takes over");
+            self.transition(State::Starting { worker: next.worker }, &reason, Pids::two(pid, pid, new_pid));
             return;
         }
         if restore {
@@ -846,10 +929,9 @@ impl SlotTask {
             self.last_restart_reason = Some(RestartReason::Crash);
             self.env.on_restart(RestartReason::Crash);
             let reason = format!("pid {pid} {what}; back on version {}", self.spec.version);
-            self.spawn_current(reason).await;
+            self.spawn_current(reason, Some(pid)).await;
             return;
         }
-        let uptime = worker.started.elapsed();
         let cfg = &self.spec.cfg;
         let clean = failure.is_none()
             && match info {
@@ -867,31 +949,49 @@ impl SlotTask {
             } else {
                 State::Errored { reason: format!("{what}; restart = never") }
             };
-            self.set_state(state, &format!("pid {pid} {what}; not restarted (restart = {})", policy_word(cfg.restart)));
+            let reason = format!("pid {pid} {what}; not restarted (restart = {})", policy_word(cfg.restart));
+            self.transition(state, &reason, Pids::one(Some(pid)));
             return;
         }
-        self.schedule_restart(&format!("pid {pid} {what}"), uptime).await;
+        self.schedule_restart(&format!("pid {pid} {what}"), Some(pid), served).await;
     }
 
-    /// Counts a crash and either restarts now, after a backoff delay, or gives up.
-    async fn schedule_restart(&mut self, what: &str, uptime: Duration) {
+    /// Counts a death and either restarts now, after a backoff delay, or gives up.
+    ///
+    /// `served` is how long the worker that `died` had been ready. One that
+    /// served at least `backoff.reset_after` is no crash loop: it is
+    /// restarted at once and the count starts over. Quick deaths (never
+    /// ready, or ready for less) grow the delay up to `backoff.max` and count
+    /// for `max_restarts`.
+    async fn schedule_restart(&mut self, what: &str, died: Option<i32>, served: Option<Duration>) {
         let cfg = &self.spec.cfg;
         let now = Instant::now();
-        if uptime >= cfg.backoff.reset_after {
+        let stable = served.filter(|s| *s >= cfg.backoff.reset_after);
+        let what = match (stable, served) {
+            (Some(s), _) => format!("{what} after {} ready", secs(s)),
+            (None, Some(s)) => {
+                format!("{what} {} after ready, under backoff.reset_after ({})", secs(s), secs(cfg.backoff.reset_after))
+            }
+            (None, None) => what.to_string(),
+        };
+        let pids = Pids::one(died);
+        if stable.is_some() {
             self.attempt = 0;
-        }
-        self.crashes.push_back(now);
-        while self.crashes.front().is_some_and(|t| now.duration_since(*t) > cfg.restart_window) {
-            self.crashes.pop_front();
-        }
-        if self.crashes.len() > cfg.max_restarts as usize {
-            let reason = format!(
-                "crashed {} times within {}; last: {what}",
-                self.crashes.len(),
-                humantime::format_duration(cfg.restart_window)
-            );
-            self.set_state(State::Errored { reason: reason.clone() }, &reason);
-            return;
+            self.crashes.clear();
+        } else {
+            self.crashes.push_back(now);
+            while self.crashes.front().is_some_and(|t| now.duration_since(*t) > cfg.restart_window) {
+                self.crashes.pop_front();
+            }
+            if self.crashes.len() > cfg.max_restarts as usize {
+                let reason = format!(
+                    "crashed {} times within {}; last: {what}",
+                    self.crashes.len(),
+                    humantime::format_duration(cfg.restart_window)
+                );
+                self.transition(State::Errored { reason: reason.clone() }, &reason, pids);
+                return;
+            }
         }
         let delay = cfg.backoff.delay(self.attempt);
         self.attempt = self.attempt.saturating_add(1);
@@ -900,24 +1000,27 @@ impl SlotTask {
         self.env.on_restart(RestartReason::Crash);
         self.status_text = None;
         if delay.is_zero() {
-            self.spawn_current(format!("{what}; restarting now")).await;
+            self.spawn_current(format!("{what}; restarting now"), died).await;
         } else {
             let until = Instant::now() + delay;
-            self.set_state(
-                State::Backoff { until },
-                &format!("{what}; restarting in {}", humantime::format_duration(delay)),
-            );
+            let reason = format!("{what}; restarting in {}", humantime::format_duration(delay));
+            self.transition(State::Backoff { until }, &reason, pids);
         }
     }
 
-    /// Spawns the slot's worker from the current spec.
-    async fn spawn_current(&mut self, reason: String) {
+    /// Spawns the slot's worker from the current spec; `died` is the worker it replaces, if one just died.
+    async fn spawn_current(&mut self, reason: String, died: Option<i32>) {
         self.status_text = None;
         self.keep_sockets = false;
         match self.env.launch(self.spec.clone(), self.slot, self.events_tx.clone()).await {
             Ok(worker) => {
-                let reason = format!("{reason} (new_pid {})", worker.pid);
-                self.set_state(State::Starting { worker }, &reason)
+                let new = worker.pid;
+                let pids = died.map_or(Pids::one(Some(new)), |old| Pids::two(old, old, new));
+                let reason = match died {
+                    Some(_) => format!("{reason}: new pid {new}"),
+                    None => format!("{reason}: pid {new}"),
+                };
+                self.transition(State::Starting { worker }, &reason, pids)
             }
             Err(e) => {
                 for w in self.start_waiters.drain(..) {
@@ -925,7 +1028,7 @@ impl SlotTask {
                 }
                 // A spawn failure counts as a crash: it backs off and ends in errored.
                 self.state = State::Stopped { reason: String::new() };
-                Box::pin(self.schedule_restart(&format!("cannot start: {e}"), Duration::ZERO)).await;
+                Box::pin(self.schedule_restart(&format!("cannot start: {e}"), died, None)).await;
             }
         }
     }
@@ -945,11 +1048,11 @@ impl SlotTask {
     /// The worker `id` failed inside its health window: that replacement
     /// fails, and the version it replaced is returned, for the slot to run
     /// again instead of the failed one.
-    fn fail_window(&mut self, id: u64, message: String) -> Option<Arc<AppSpec>> {
+    fn fail_window(&mut self, id: u64, pid: i32, message: String) -> Option<Arc<AppSpec>> {
         let i = self.drain_waits.iter().position(|d| d.new_id == id && d.healthy_at.is_some())?;
         let d = self.drain_waits.remove(i);
         let (_, prev) = d.healthy_at?;
-        tracing::warn!(app = self.app(), slot = self.slot, "{message}");
+        tracing::warn!(app = self.app(), slot = self.slot, pid, "{message}");
         let _ = d.reply.send(Err(SlotError::Failed(message)));
         Some(prev)
     }
@@ -990,6 +1093,11 @@ fn append_tail(msg: &mut String, tail: &[String]) {
             msg.push_str(line);
         }
     }
+}
+
+/// A duration in seconds with one decimal, for log lines (`10.2s`).
+fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
 }
 
 fn policy_word(p: RestartPolicy) -> &'static str {

@@ -124,6 +124,11 @@ impl Spawner {
         rx.await.map_err(|_| SpawnError::Closed)?
     }
 
+    /// Whether worker `pid` has exited, though its slot may not know yet; never blocks.
+    pub fn has_exited(&self, pid: i32) -> bool {
+        self.reaper.has_exited(pid)
+    }
+
     /// Sends `sig` to the process group of worker `pgid` unless it has been
     /// reaped (its number may be reused then); returns whether it was sent.
     pub fn signal_group(&self, pgid: i32, sig: i32) -> bool {

@@ -178,7 +178,8 @@ impl Supervisor {
                 }
             }
         }
-        let mut s = format!("{} apps, {ready}/{total} workers ready", apps.len());
+        let workers = if total == 1 { "worker" } else { "workers" };
+        let mut s = format!("{}, {ready}/{total} {workers} ready", sup_proto::count(apps.len(), "app"));
         if !errored.is_empty() {
             s.push_str(&format!("; errored: {}", errored.join(", ")));
         }

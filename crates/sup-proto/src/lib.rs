@@ -13,6 +13,15 @@ pub const API_PREFIX: &str = "/v1";
 /// Largest request body the control API accepts, in bytes.
 pub const MAX_REQUEST_BODY: usize = 64 * 1024;
 
+/// `n` and `noun`, the noun in the plural unless `n` is 1 (`1 app`, `2 apps`), for the summary lines of supd and supctl.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 /// Process exit codes of `supctl`, documented in the CLI reference.
 pub mod exit {
     /// The operation succeeded.
@@ -37,6 +46,9 @@ pub enum WorkerState {
     Stopping,
     /// Exited; waiting for the backoff delay before the next start.
     Backoff,
+    /// Its worker has exited and supd is deciding what next (restart, backoff
+    /// or errored): shown for the moment between the exit and that decision.
+    Exited,
     /// Gave up: crash loop, spawn failure or a failed exit with `restart = "never"`.
     Errored,
     /// Not running, by request or after a clean exit.
@@ -51,6 +63,7 @@ impl WorkerState {
             WorkerState::Ready => "ready",
             WorkerState::Stopping => "stopping",
             WorkerState::Backoff => "backoff",
+            WorkerState::Exited => "exited",
             WorkerState::Errored => "errored",
             WorkerState::Stopped => "stopped",
         }

@@ -61,8 +61,11 @@ impl ClientError {
             ClientError::Unreachable(..) => {
                 Some("is supd running? pass --socket PATH or --config FILE if it uses another socket (exit 3)")
             }
-            ClientError::Api { code, .. } if code == "forbidden" => {
-                Some("run as root, as supd's user, or as a member of control_socket_group")
+            ClientError::Api { code, .. } if code == "forbidden" => Some(
+                "run as root, as supd's user, or as a member of control_socket_group (or control_socket_read_group, to read)",
+            ),
+            ClientError::Api { code, .. } if code == "read_only" => {
+                Some("acting needs root, supd's user, or a member of control_socket_group")
             }
             ClientError::Api { code, .. } if code == "not_found" => Some("`supctl status` lists the apps"),
             _ => None,

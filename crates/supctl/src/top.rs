@@ -32,8 +32,9 @@ pub fn frame(s: &StatusResponse, sort: SortBy, width: usize) -> Vec<String> {
     }
     let mut out = vec![
         format!(
-            "supctl top: {} apps, {ready}/{workers} workers ready, CPU {cpu:.1}%, memory {}   sorted by {}   (c cpu, m mem, n name, q quit)",
-            s.apps.len(),
+            "supctl top: {}, {ready}/{workers} {} ready, CPU {cpu:.1}%, memory {}   sorted by {}   (c cpu, m mem, n name, q quit)",
+            sup_proto::count(s.apps.len(), "app"),
+            if workers == 1 { "worker" } else { "workers" },
             bytes(mem),
             match sort {
                 SortBy::Cpu => "cpu",

@@ -117,9 +117,10 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(|e| e.to_string())?;
     let sc = config.supervisor.clone();
     // The socket first: a second supd must fail before touching any listener.
-    let listener =
-        control::bind(&sc.control_socket, sc.control_socket_mode, sc.control_socket_group.as_ref().map(|g| g.gid))
-            .map_err(|e| e.to_string())?;
+    // The socket file's group: the acting group, else the read-only one, so
+    // that with mode 0660 its members can open it.
+    let file_group = sc.control_socket_group.as_ref().or(sc.control_socket_read_group.as_ref()).map(|g| g.gid);
+    let listener = control::bind(&sc.control_socket, sc.control_socket_mode, file_group).map_err(|e| e.to_string())?;
     let own = OwnSocket::of(&sc.control_socket);
     // Bound before any worker starts, so a taken address fails cleanly.
     let metrics = match sc.metrics {
@@ -153,8 +154,11 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
         );
         tokio::spawn(sup_core::metrics::serve(l, counters, Arc::downgrade(&sup)));
     }
-    let access =
-        Access { owner: nix::unistd::geteuid().as_raw(), group: sc.control_socket_group.as_ref().map(|g| g.gid) };
+    let access = Access {
+        owner: nix::unistd::geteuid().as_raw(),
+        group: sc.control_socket_group.as_ref().map(|g| g.gid),
+        read_group: sc.control_socket_read_group.as_ref().map(|g| g.gid),
+    };
     let server = tokio::spawn(control::serve(sup.clone(), listener, access, sc.max_control_connections as usize));
     let notifier = Arc::new(sdnotify::Notifier::from_env());
     {
@@ -200,7 +204,7 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             }
         });
     }
-    tracing::info!(socket = %sc.control_socket.display(), "supd {} running {} apps", env!("CARGO_PKG_VERSION"), sup.apps().len());
+    tracing::info!(socket = %sc.control_socket.display(), "supd {} running {}", env!("CARGO_PKG_VERSION"), sup_proto::count(sup.apps().len(), "app"));
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: stopping all apps"); break }

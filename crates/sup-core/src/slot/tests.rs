@@ -451,3 +451,106 @@ async fn a_failed_window_goes_back_whatever_the_restart_policy() {
     let back = r.launched().await;
     assert_eq!(back.version, 1);
 }
+
+/// The reason the slot published with its last transition.
+fn reason(r: &Rig) -> String {
+    r.slot.view.borrow().reason.clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_served_is_restarted_at_once_every_time() {
+    // Defaults: backoff.reset_after is 1s; a second quick death would wait 100ms.
+    let mut r = rig("");
+    let mut w = r.running().await;
+    for n in 1..=3u32 {
+        // It serves for 10s, then is killed: replaced at once, no backoff, however often.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let t0 = Instant::now();
+        w.exit(ExitInfo::Signal(9));
+        let next = r.launched().await;
+        settle().await;
+        assert_eq!(Instant::now(), t0, "served worker {n} was replaced at once");
+        assert!(reason(&r).contains("after 10.0s ready; restarting now"), "{}", reason(&r));
+        next.ready();
+        r.state(WorkerState::Ready).await;
+        assert_eq!(r.slot.view.borrow().restarts, n);
+        w = next;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_quick_deaths_grow_the_delay_and_serving_resets_it() {
+    let mut r = rig("backoff = { initial = \"1s\", multiplier = 2, max = \"3s\", reset_after = \"5s\" }");
+    let w = r.running().await;
+    // Ready for less than reset_after: a quick death. The first restart is at once, then 1s, 2s, 3s (the cap).
+    w.exit(ExitInfo::Code(1));
+    let mut w = r.launched().await;
+    for want in [1, 2, 3, 3] {
+        w.ready();
+        r.state(WorkerState::Ready).await;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        w.exit(ExitInfo::Code(1));
+        r.state(WorkerState::Backoff).await;
+        assert!(reason(&r).contains(&format!("restarting in {want}s")), "{}", reason(&r));
+        assert!(reason(&r).contains("4.0s after ready, under backoff.reset_after (5.0s)"), "{}", reason(&r));
+        let t0 = Instant::now();
+        w = r.launched().await;
+        assert_eq!(Instant::now() - t0, Duration::from_secs(want));
+    }
+    // One that serves reset_after is restarted at once, and the count starts over.
+    w.ready();
+    r.state(WorkerState::Ready).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    w.exit(ExitInfo::Code(1));
+    let w = r.launched().await;
+    assert!(reason(&r).contains("restarting now"), "{}", reason(&r));
+    // The next quick death (never ready) starts the count over: 1s again.
+    w.exit(ExitInfo::Code(1));
+    r.state(WorkerState::Backoff).await;
+    assert!(reason(&r).contains("restarting in 1s"), "{}", reason(&r));
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_restarts_still_ends_a_loop_of_quick_deaths_after_a_served_one() {
+    let mut r = rig("max_restarts = 2\nbackoff = { initial = \"1s\" }");
+    let w = r.running().await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    // Served: no crash loop, does not count for max_restarts.
+    w.exit(ExitInfo::Signal(9));
+    let mut w = r.launched().await;
+    // Never ready: three quick deaths in a row are more than max_restarts = 2.
+    for _ in 0..2 {
+        w.exit(ExitInfo::Code(1));
+        w = r.launched().await;
+    }
+    w.exit(ExitInfo::Code(1));
+    r.state(WorkerState::Errored).await;
+    r.no_launch().await;
+    assert!(reason(&r).contains("crashed 3 times"), "{}", reason(&r));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operators_restart_counts_as_a_restart() {
+    let mut r = rig("");
+    let mut w = r.running().await;
+    let stop = r.slot.stop(1, true);
+    w.expect(WorkerCtl::Stop).await;
+    w.exit(ExitInfo::Signal(15));
+    stop.await;
+    let start = r.slot.start_for(spec(1, ""), 1, "restart requested".into(), Some(RestartReason::Restart));
+    let w2 = r.launched().await;
+    w2.ready();
+    start.await.unwrap();
+    let v = r.slot.view.borrow().clone();
+    assert_eq!((v.restarts, v.last_restart_reason), (1, Some(RestartReason::Restart)));
+    // A plain start of a stopped slot is no restart.
+    let stop = r.slot.stop(2, false);
+    let mut w2 = w2;
+    w2.expect(WorkerCtl::Stop).await;
+    w2.exit(ExitInfo::Signal(15));
+    stop.await;
+    let start = r.slot.start(spec(1, ""), 2);
+    r.launched().await.ready();
+    start.await.unwrap();
+    assert_eq!(r.slot.view.borrow().restarts, 1);
+}

@@ -6,6 +6,7 @@
 
 mod app;
 mod backoff;
+mod choice;
 mod command;
 mod cron;
 mod duration;

@@ -27,6 +27,8 @@ pub enum ReadyCheck {
 }
 
 const FORMS: &str = "\"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }";
+/// The table forms, named after a string that matched no kind.
+const TABLES: &str = "or a table: ready = { http = \"/health\" } or ready = { tcp = true }";
 
 impl<'de> Deserialize<'de> for ReadyCheck {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -52,13 +54,13 @@ impl<'de> Visitor<'de> for ReadyVisitor {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        match v {
-            "none" => Ok(ReadyCheck::None),
-            "notify" => Ok(ReadyCheck::Notify),
-            "pm2" => Ok(ReadyCheck::Pm2),
-            "listening" => Ok(ReadyCheck::Listening),
-            _ => Err(E::custom(format!("expected {FORMS}, found `{v}`"))),
-        }
+        let choices = [
+            ("none", ReadyCheck::None),
+            ("notify", ReadyCheck::Notify),
+            ("pm2", ReadyCheck::Pm2),
+            ("listening", ReadyCheck::Listening),
+        ];
+        crate::choice::choose(v, &choices, TABLES)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -100,6 +102,9 @@ mod tests {
             ("ready = \"none\"", ReadyCheck::None),
             ("ready = \"notify\"", ReadyCheck::Notify),
             ("ready = \"pm2\"", ReadyCheck::Pm2),
+            ("ready = \"Notify\"", ReadyCheck::Notify),
+            ("ready = \"NONE\"", ReadyCheck::None),
+            ("ready = \"PM2\"", ReadyCheck::Pm2),
             ("listen = [\"127.0.0.1:3000\"]\nnode_cluster = true\nready = \"listening\"", ReadyCheck::Listening),
             ("port = 80\nready = { http = \"/health\" }", ReadyCheck::Http { path: "/health".to_string() }),
             ("port = 80\nready = { tcp = true }", ReadyCheck::Tcp),
@@ -110,7 +115,15 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 "ready = \"http\"",
-                "/x/sup.toml:3:9: key `apps.web.ready`: expected \"none\", \"notify\", \"pm2\", \"listening\", { http = \"/health\" } or { tcp = true }, found `http`",
+                "/x/sup.toml:3:9: key `apps.web.ready`: unknown value `http`, expected one of `none`, `notify`, `pm2`, `listening`; or a table: ready = { http = \"/health\" } or ready = { tcp = true }",
+            ),
+            (
+                "ready = \"notfy\"",
+                "/x/sup.toml:3:9: key `apps.web.ready`: unknown value `notfy`, expected one of `none`, `notify`, `pm2`, `listening`; or a table: ready = { http = \"/health\" } or ready = { tcp = true } (did you mean `notify`?)",
+            ),
+            (
+                "ready = \"Listenin\"",
+                "/x/sup.toml:3:9: key `apps.web.ready`: unknown value `Listenin`, expected one of `none`, `notify`, `pm2`, `listening`; or a table: ready = { http = \"/health\" } or ready = { tcp = true } (did you mean `listening`?)",
             ),
             (
                 "ready = { http = \"health\" }",

@@ -34,8 +34,20 @@ fn add_api(d: &Daemon, port: u16) -> Output {
     let p = port.to_string();
     let listen = format!("127.0.0.1:{port}");
     d.supctl(&[
-        "add", "api", "--instances", "2", "--listen", &listen, "--ready", "notify", "--env", "GREETING=hello world",
-        "--", &demo(), "--port", &p,
+        "add",
+        "api",
+        "--instances",
+        "2",
+        "--listen",
+        &listen,
+        "--ready",
+        "notify",
+        "--env",
+        "GREETING=hello world",
+        "--",
+        &demo(),
+        "--port",
+        &p,
     ])
 }
 
@@ -125,9 +137,7 @@ fn a_file_supd_cannot_write_is_left_alone() {
         if Command::new("setpriv").arg("--version").output().is_err() {
             return skip("setpriv is needed to run supd as another user");
         }
-        for p in [dir.path()] {
-            nix::unistd::chown(p, Some(65534.into()), Some(65534.into())).expect("chown");
-        }
+        nix::unistd::chown(dir.path(), Some(65534.into()), Some(65534.into())).expect("chown");
         std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         let child = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])

@@ -150,7 +150,11 @@ fn js_file_with_two_apps_and_env_production() {
 
     assert_warns(&r.stderr, "internal-worker", &["namespace", "source_map_support"]);
     for o in ["watch", "ignore_watch", "instance_var"] {
-        assert!(!r.stderr.contains(&format!("option `{o}` is not supported")), "{o} reported as unsupported: {}", r.stderr);
+        assert!(
+            !r.stderr.contains(&format!("option `{o}` is not supported")),
+            "{o} reported as unsupported: {}",
+            r.stderr
+        );
     }
     for w in [
         "app `api`: option `out_file`",
@@ -229,7 +233,8 @@ fn json_file_with_fixed_delay_no_autorestart_and_no_interpreter() {
     // sup always stamps lines: `time: true` is said in the output, not reported as missing.
     assert!(!r.stderr.contains("option `time`"), "{}", r.stderr);
     assert!(
-        table(&r.toml, "[apps.nightly-report]").contains(&"# PM2 time = true: sup always stamps every line with the time; nothing to set"),
+        table(&r.toml, "[apps.nightly-report]")
+            .contains(&"# PM2 time = true: sup always stamps every line with the time; nothing to set"),
         "{}",
         r.toml
     );
@@ -293,7 +298,11 @@ fn esm_shapes_import() {
         assert_eq!(out.status.code(), Some(0), "{file}: {}", String::from_utf8_lossy(&out.stderr));
         let toml = std::fs::read_to_string(&out_file).expect("read");
         let name = body.split("name: '").nth(1).and_then(|r| r.split('\'').next()).expect("name");
-        assert_lines(&toml, &format!("[apps.{name}]"), &[&format!(r#"command = ["node", "{name}.js"]"#), "instances = 2"]);
+        assert_lines(
+            &toml,
+            &format!("[apps.{name}]"),
+            &[&format!(r#"command = ["node", "{name}.js"]"#), "instances = 2"],
+        );
         assert_checks(&out_file);
     }
     // An ES module that exports no apps says what it found.

@@ -247,7 +247,6 @@ pub enum ConfigCommand {
     Apply,
 }
 
-
 /// What the rows are sorted by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum SortBy {

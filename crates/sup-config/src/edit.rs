@@ -154,13 +154,9 @@ fn table_at(table: &mut Table, at: usize) -> Option<&mut Table> {
                 }
                 table_at(t, at)
             }
-            Item::ArrayOfTables(a) => a.iter_mut().find_map(|t| {
-                if t.position() == Some(at) {
-                    Some(t)
-                } else {
-                    table_at(t, at)
-                }
-            }),
+            Item::ArrayOfTables(a) => {
+                a.iter_mut().find_map(|t| if t.position() == Some(at) { Some(t) } else { table_at(t, at) })
+            }
             _ => None,
         };
         if found.is_some() {
@@ -220,13 +216,13 @@ fn rewrite(
     edit: impl FnOnce(&mut DocumentMut, &str) -> Result<(), EditError>,
 ) -> Result<Config, EditError> {
     // Write through a symlink to the file it names, as an editor would.
-    let real = std::fs::canonicalize(path).map_err(|source| EditError::Io { what: "read", path: path.into(), source })?;
+    let real =
+        std::fs::canonicalize(path).map_err(|source| EditError::Io { what: "read", path: path.into(), source })?;
     let shown = path.display().to_string();
     let text =
         std::fs::read_to_string(&real).map_err(|source| EditError::Io { what: "read", path: path.into(), source })?;
     crate::parse(&text, path).map_err(EditError::AlreadyInvalid)?;
-    let mut doc: DocumentMut =
-        text.parse().map_err(|e| EditError::Refused(format!("cannot edit `{shown}`: {e}")))?;
+    let mut doc: DocumentMut = text.parse().map_err(|e| EditError::Refused(format!("cannot edit `{shown}`: {e}")))?;
     edit(&mut doc, &shown)?;
     let new_text = doc.to_string();
     let cfg = crate::parse(&new_text, path).map_err(EditError::Invalid)?;
@@ -303,7 +299,10 @@ mod tests {
         assert_eq!(api.ready, crate::ReadyCheck::Http { path: "/health".into() });
         let text = std::fs::read_to_string(&path).expect("read");
         assert!(text.starts_with(FILE), "{text}");
-        assert!(text.contains("[apps.api]\ncommand = [\"node\", \"server.js\"]\ncwd = \"/srv/api\"\ninstances = 2\n"), "{text}");
+        assert!(
+            text.contains("[apps.api]\ncommand = [\"node\", \"server.js\"]\ncwd = \"/srv/api\"\ninstances = 2\n"),
+            "{text}"
+        );
         assert!(text.contains("env = { PORT = \"3000\", MODE = \"a b\" }"), "{text}");
 
         let cfg = remove_app(&path, "api").expect("remove");
@@ -328,15 +327,29 @@ mod tests {
         let dir = TempDir::new("edit-refuse");
         let path = dir.write("sup.toml", FILE);
         let cases: Vec<(Result<Config, EditError>, &str)> = vec![
-            (add_app(&path, &NewApp { name: "web".into(), command: vec!["x".into()], ..NewApp::default() }), "app `web` already exists"),
+            (
+                add_app(&path, &NewApp { name: "web".into(), command: vec!["x".into()], ..NewApp::default() }),
+                "app `web` already exists",
+            ),
             (remove_app(&path, "nope"), "no app named `nope`"),
             (add_app(&path, &NewApp { name: "x".into(), ..NewApp::default() }), "give the app's command"),
             (
-                add_app(&path, &NewApp { name: "x".into(), command: vec!["x".into()], ready: Some("notfy".into()), ..NewApp::default() }),
+                add_app(
+                    &path,
+                    &NewApp {
+                        name: "x".into(),
+                        command: vec!["x".into()],
+                        ready: Some("notfy".into()),
+                        ..NewApp::default()
+                    },
+                ),
                 "the result would be invalid: ",
             ),
             (
-                add_app(&path, &NewApp { name: "x".into(), command: vec!["x".into()], instances: Some(0), ..NewApp::default() }),
+                add_app(
+                    &path,
+                    &NewApp { name: "x".into(), command: vec!["x".into()], instances: Some(0), ..NewApp::default() },
+                ),
                 "the result would be invalid: ",
             ),
         ];
@@ -354,10 +367,22 @@ mod tests {
     fn a_file_without_apps_gets_them() {
         let dir = TempDir::new("edit-empty");
         let path = dir.write("sup.toml", "# nothing yet\n");
-        add_app(&path, &NewApp { name: "a".into(), command: vec!["sleep".into(), "9".into()], ready: Some("tcp".into()), port: Some(1), ..NewApp::default() })
-            .expect("add");
+        add_app(
+            &path,
+            &NewApp {
+                name: "a".into(),
+                command: vec!["sleep".into(), "9".into()],
+                ready: Some("tcp".into()),
+                port: Some(1),
+                ..NewApp::default()
+            },
+        )
+        .expect("add");
         let text = std::fs::read_to_string(&path).expect("read");
-        assert!(text.starts_with("# nothing yet\n\n[apps.a]\n") || text.starts_with("# nothing yet\n[apps.a]\n"), "{text}");
+        assert!(
+            text.starts_with("# nothing yet\n\n[apps.a]\n") || text.starts_with("# nothing yet\n[apps.a]\n"),
+            "{text}"
+        );
         assert!(text.contains("ready = { tcp = true }"), "{text}");
     }
 }

@@ -97,11 +97,7 @@ struct RawLogTable {
     buffer: Option<SizeValue>,
 }
 
-crate::choice::string_enum!(
-    LogFormat,
-    "\"text\" or \"json\"",
-    [("text", LogFormat::Text), ("json", LogFormat::Json)]
-);
+crate::choice::string_enum!(LogFormat, "\"text\" or \"json\"", [("text", LogFormat::Text), ("json", LogFormat::Json)]);
 
 /// A target name, in a string (`logs = "journald"`) or in the table's `target`.
 #[derive(Debug, Clone, Copy)]
@@ -190,7 +186,8 @@ impl<'de> Deserialize<'de> for RawLogs {
                 f.write_str("\"files\", \"journald\", or a table such as { rotate_size = \"50M\", keep = 14 }")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLogs, E> {
-                let target = crate::choice::choose(v, &TARGETS, "or a table such as { rotate_size = \"50M\", keep = 14 }")?;
+                let target =
+                    crate::choice::choose(v, &TARGETS, "or a table such as { rotate_size = \"50M\", keep = 14 }")?;
                 Ok(RawLogs(LogConfig { target, ..LogConfig::default() }))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawLogs, A::Error> {
@@ -257,7 +254,10 @@ mod tests {
         assert_eq!(parse_app("logs = { rotate_size = \"off\", rotate_every = \"90m\" }").logs.rotate_size, None);
         // Enumerated values match in any case, like every other one in the file.
         assert_eq!(parse_app("logs = \"Journald\"").logs.target, LogTarget::Journald);
-        let l = parse_app("logs = { target = \"JOURNALD\", format = \"JSON\", rotate_size = \"Off\", rotate_every = \"Daily\" }").logs;
+        let l = parse_app(
+            "logs = { target = \"JOURNALD\", format = \"JSON\", rotate_size = \"Off\", rotate_every = \"Daily\" }",
+        )
+        .logs;
         assert_eq!(
             (l.target, l.format, l.rotate_size, l.rotate_every),
             (LogTarget::Journald, LogFormat::Json, None, Some(Duration::from_secs(86_400)))

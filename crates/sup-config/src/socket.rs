@@ -78,7 +78,11 @@ mod tests {
         let dir = TempDir::new("socket");
         let cases: &[(&str, Option<&str>, bool)] = &[
             ("[supervisor]\ncontrol_socket = \"s.sock\"\n[apps.web]\ncommand = \"x\"\n", Some("s.sock"), false),
-            ("[supervisor]\ncontrol_socket = \"s.sock\"\n[apps.web]\ncommand = \"x\"\ninstancs = 2\n", Some("s.sock"), true),
+            (
+                "[supervisor]\ncontrol_socket = \"s.sock\"\n[apps.web]\ncommand = \"x\"\ninstancs = 2\n",
+                Some("s.sock"),
+                true,
+            ),
             ("[supervisor]\ncontrol_socket = \"s.sock\"\n[apps.web\ncommand = \"x\"\n", Some("s.sock"), true),
             ("[supervisor]\nrun_dir = \"run\"\nmax_workers = =\n[apps.web]\n", Some("run/control.sock"), true),
             ("[supervisor]\nmetrics = \"nope\"\ncontrol_socket = \"/abs.sock\"\n", Some("/abs.sock"), true),

@@ -438,8 +438,19 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
             Some(Ok(h)) => json(StatusCode::OK, &h),
         };
     }
-    if !["/start", "/stop", "/restart", "/reload", "/rollback", "/promote", "/scale", "/config/apply", "/apps/add", "/apps/remove"]
-        .contains(&rest.as_str())
+    if ![
+        "/start",
+        "/stop",
+        "/restart",
+        "/reload",
+        "/rollback",
+        "/promote",
+        "/scale",
+        "/config/apply",
+        "/apps/add",
+        "/apps/remove",
+    ]
+    .contains(&rest.as_str())
     {
         return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`"));
     }

@@ -368,7 +368,12 @@ impl Supervisor {
 
     /// `supctl remove`: removes the app's table from the file, then applies the file (which
     /// stops the app).
-    pub async fn remove_app(&self, name: String, uid: Option<u32>, progress: Progress) -> Result<ActionResponse, ApiError> {
+    pub async fn remove_app(
+        &self,
+        name: String,
+        uid: Option<u32>,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
         self.edit_file(uid, progress, move |path| sup_config::remove_app(path, &name)).await
     }
 
@@ -390,7 +395,12 @@ impl Supervisor {
     }
 
     /// Makes the running apps match `new`; the caller holds the `apply` lock.
-    async fn apply_config(&self, new: Config, uid: Option<u32>, progress: Progress) -> Result<ActionResponse, ApiError> {
+    async fn apply_config(
+        &self,
+        new: Config,
+        uid: Option<u32>,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
         let old = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut results = Vec::new();
         if new.supervisor != old.supervisor {

@@ -18,7 +18,6 @@ use sup_proto::exit;
 
 pub use sup_cli::supctl::ImportArgs;
 
-
 /// Runs `supctl import`; returns the exit status.
 pub fn run(args: &ImportArgs) -> i32 {
     match import(args) {
@@ -394,7 +393,9 @@ const WATCH_KEY: bool = false;
 /// Why some well-known PM2 options have no equivalent, for the output's comments.
 fn hint(key: &str, app: &str) -> Option<String> {
     Some(match key {
-        "watch_options" => format!("sup's `watch` takes paths, ignore and debounce only; or run `supctl reload {app}` from your own watcher"),
+        "watch_options" => format!(
+            "sup's `watch` takes paths, ignore and debounce only; or run `supctl reload {app}` from your own watcher"
+        ),
         "namespace" => "sup has no namespaces; address the app by its name".into(),
         "increment_var" => "sup sets SUP_INSTANCE, NODE_APP_INSTANCE and instance_var to the slot number".into(),
         "vizion" | "post_update" => "deploy with your own tooling, then `supctl reload`".into(),
@@ -763,14 +764,18 @@ fn convert_app(
     // Logs.
     logs(obj, &mut t);
     match obj.get("time") {
-        Some(Value::Bool(true)) => t.comment("PM2 time = true: sup always stamps every line with the time; nothing to set"),
+        Some(Value::Bool(true)) => {
+            t.comment("PM2 time = true: sup always stamps every line with the time; nothing to set")
+        }
         Some(Value::Bool(false)) | None | Some(Value::Null) => {}
         Some(v) => t.invalid("time", v, "true or false"),
     }
     match obj.get("instance_var") {
         None | Some(Value::Null) => {}
         Some(Value::String(v)) if v == "NODE_APP_INSTANCE" => {
-            t.comment("PM2 instance_var = \"NODE_APP_INSTANCE\": sup always sets it (and SUP_INSTANCE) to the slot number");
+            t.comment(
+                "PM2 instance_var = \"NODE_APP_INSTANCE\": sup always sets it (and SUP_INSTANCE) to the slot number",
+            );
         }
         Some(Value::String(v)) if !v.is_empty() && !v.contains('=') && !v.contains('\0') => {
             t.comment("PM2 instance_var: this variable is set to the slot number (0, 1, ...), as are SUP_INSTANCE and NODE_APP_INSTANCE");

@@ -1,7 +1,10 @@
 //! sup beside PM2 on the same Node app (`benches/app/server.js`), in one run.
 //!
 //! Run: `cargo build --release --workspace --bins && cargo bench --bench pm2`
-//! (`-- --quick` for one round). PM2 is installed with npm into a temporary
+//! (`-- --quick` for one round, `-- --memory` for the daemon memory rows only).
+//! Daemon memory is compared settled: every daemon is sampled until its RSS moves
+//! less than 1% over 5 s (capped), since a Node daemon's RSS right after start is a
+//! transient; peaks (`VmHWM`) are reported in rows of their own. PM2 is installed with npm into a temporary
 //! prefix with its own PM2_HOME; a global install is never touched. Runs
 //! alternate supd and PM2 (A/B) so drift hits both alike.
 
@@ -229,8 +232,55 @@ fn time_ms(n: usize, mut f: impl FnMut()) -> f64 {
     )
 }
 
-/// Per supervisor, per worker count: (RSS MiB, PSS MiB, idle CPU %, CLI ms).
-fn costs(pm2: Option<&Pm2>, dir: &Path, n: usize, idle_secs: u64) -> (f64, f64, f64, f64) {
+/// RSS samples this far apart must differ by less than [`SETTLED`] for a daemon to count as settled.
+const SETTLE_WINDOW: Duration = Duration::from_secs(5);
+/// Relative RSS change over [`SETTLE_WINDOW`] below which a daemon is settled.
+const SETTLED: f64 = 0.01;
+/// The longest a daemon is given to settle; its RSS then is taken as it is.
+const SETTLE_CAP: Duration = Duration::from_secs(120);
+
+/// Memory of a daemon once settled.
+#[derive(Debug, Clone, Copy)]
+struct Memory {
+    /// Settled RSS, MiB.
+    rss: f64,
+    /// Settled PSS, MiB.
+    pss: f64,
+    /// Peak RSS since the daemon started (VmHWM), MiB.
+    peak: f64,
+    /// RSS 2 s after all workers were up (the old figure, a transient), MiB.
+    early: f64,
+    /// Seconds it took to settle.
+    secs: f64,
+}
+
+/// Samples `pid` every [`SETTLE_WINDOW`] until its RSS moves by less than [`SETTLED`] (at
+/// most [`SETTLE_CAP`]); the same rule for every daemon.
+fn settled(pid: u32) -> Memory {
+    std::thread::sleep(Duration::from_secs(2));
+    let early = rss_kib(pid) as f64 / 1024.0;
+    let t0 = Instant::now();
+    let mut prev = rss_kib(pid);
+    loop {
+        std::thread::sleep(SETTLE_WINDOW);
+        let now = rss_kib(pid);
+        let change = (now as f64 - prev as f64).abs() / prev.max(1) as f64;
+        if change < SETTLED || t0.elapsed() >= SETTLE_CAP {
+            let (_, peak) = cost(pid);
+            return Memory {
+                rss: now as f64 / 1024.0,
+                pss: pss_kib(pid) as f64 / 1024.0,
+                peak: peak as f64 / 1048576.0,
+                early,
+                secs: t0.elapsed().as_secs_f64(),
+            };
+        }
+        prev = now;
+    }
+}
+
+/// Per supervisor, per worker count: (settled memory, idle CPU %, CLI ms).
+fn costs(pm2: Option<&Pm2>, dir: &Path, n: usize, idle_secs: u64) -> (Memory, f64, f64) {
     let port = free_port();
     let (pid, daemon) = match pm2 {
         None => {
@@ -238,13 +288,14 @@ fn costs(pm2: Option<&Pm2>, dir: &Path, n: usize, idle_secs: u64) -> (f64, f64, 
             (d.pid(), Some(d))
         }
         Some(p) => {
+            // A fresh God daemon, as supd is fresh: one that already carried a log flood or
+            // reloads keeps that memory (the old 162.6 MiB figure was such a daemon).
+            let _ = p.cmd(&["kill"]);
             start_pm2_n(p, dir, port, n);
             (god(p), None)
         }
     };
-    std::thread::sleep(Duration::from_secs(2));
-    let rss = rss_kib(pid) as f64 / 1024.0;
-    let pss = pss_kib(pid) as f64 / 1024.0;
+    let mem = settled(pid);
     let (c0, _) = cost(pid);
     std::thread::sleep(Duration::from_secs(idle_secs));
     let (c1, _) = cost(pid);
@@ -262,7 +313,7 @@ fn costs(pm2: Option<&Pm2>, dir: &Path, n: usize, idle_secs: u64) -> (f64, f64, 
         let _ = p.cmd(&["delete", "all"]);
     }
     drop(daemon);
-    (rss, pss, cpu, cli)
+    (mem, cpu, cli)
 }
 
 /// kill -9 of one of 4 workers until a new pid answers on the port, ms (median of `runs`).
@@ -369,8 +420,12 @@ fn throughput(pm2: Option<&Pm2>, dir: &Path, secs: u64) -> (f64, f64) {
     r
 }
 
-/// `n` trivial workers (`sleep`): seconds until all are up, and daemon RSS after.
-fn many(pm2: Option<&Pm2>, dir: &Path, n: usize) -> (f64, f64) {
+/// `n` trivial workers (`sleep`): seconds until all are up, and the daemon's memory once settled.
+fn many(pm2: Option<&Pm2>, dir: &Path, n: usize) -> (f64, Memory) {
+    // A fresh God daemon, as supd is fresh; its start counts, as supd's does.
+    if let Some(p) = pm2 {
+        let _ = p.cmd(&["kill"]);
+    }
     let t0 = Instant::now();
     match pm2 {
         None => {
@@ -380,7 +435,7 @@ fn many(pm2: Option<&Pm2>, dir: &Path, n: usize) -> (f64, f64) {
                 (i.len() == n && i.iter().all(|i| i.state == WorkerState::Ready)).then_some(())
             });
             let took = t0.elapsed().as_secs_f64();
-            (took, rss_kib(d.pid()) as f64 / 1024.0)
+            (took, settled(d.pid()))
         }
         Some(p) => {
             let eco = dir.join("many.config.js");
@@ -388,9 +443,9 @@ fn many(pm2: Option<&Pm2>, dir: &Path, n: usize) -> (f64, f64) {
             let _ = p.cmd(&["start", &eco.display().to_string()]);
             wait_until_long("all PM2 trivial workers online", || (p.online() == n).then_some(()));
             let took = t0.elapsed().as_secs_f64();
-            let rss = rss_kib(god(p)) as f64 / 1024.0;
+            let mem = settled(god(p));
             let _ = p.cmd(&["delete", "all"]);
-            (took, rss)
+            (took, mem)
         }
     }
 }
@@ -415,6 +470,7 @@ fn main() {
         return;
     }
     let quick = std::env::args().any(|a| a == "--quick");
+    let memory_only = std::env::args().any(|a| a == "--memory");
     let rounds = if quick { 1 } else { 3 };
     let dir = tempfile::tempdir().expect("tempdir");
     // npm may need NODE_EXTRA_CA_CERTS to reach the registry: install first.
@@ -424,6 +480,12 @@ fn main() {
     unsafe { std::env::remove_var("NODE_EXTRA_CA_CERTS") };
 
     let mut rows = Vec::new();
+    if memory_only {
+        memory_rows(&pm2, dir.path(), &mut rows);
+        let _ = pm2.cmd(&["kill"]);
+        print_rows(rows);
+        return;
+    }
     for (mode, label) in [(Mode::KeepAlive, "keep-alive"), (Mode::NewConnection, "new connection per request")] {
         let (mut fs, mut fp, mut ts, mut tp) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let (mut oks, mut okp) = (0, 0);
@@ -488,15 +550,13 @@ fn main() {
         med(&sup_rust, |r| r.2),
         med(&sup_rust, |r| r.3 as f64) / 1048576.0
     ));
-    let ratio = |s: f64, p: f64| if s > 0.0 { format!("PM2/sup = {:.1}×", p / s) } else { "–".into() };
     let idle = if quick { 3 } else { 30 };
     for n in [2usize, 16] {
         // Quick mode takes every per-size figure from this one pass.
         let secs = if quick { idle } else { 1 };
-        let (sr, sp, sc, sl) = costs(None, dir.path(), n, secs);
-        let (pr, pp, pc, pl) = costs(Some(&pm2), dir.path(), n, secs);
-        rows.push(format!("| daemon RSS, {n} Node workers (MiB) | {sr:.1} | {pr:.1} | {} |", ratio(sr, pr)));
-        rows.push(format!("| daemon PSS, {n} Node workers (MiB) | {sp:.1} | {pp:.1} | {} |", ratio(sp, pp)));
+        let (sm, sc, sl) = costs(None, dir.path(), n, secs);
+        let (pm, pc, pl) = costs(Some(&pm2), dir.path(), n, secs);
+        memory_row(&mut rows, &format!("{n} Node workers"), sm, pm);
         if quick {
             rows.push(format!(
                 "| daemon CPU over {idle} s idle, {n} Node workers (% of a core) | {sc:.3} | {pc:.3} | {} |",
@@ -509,16 +569,16 @@ fn main() {
         }
     }
     for n in if quick { vec![] } else { vec![16usize, 64] } {
-        let (_, _, sc, _) = costs(None, dir.path(), n, idle);
-        let (_, _, pc, _) = costs(Some(&pm2), dir.path(), n, idle);
+        let (_, sc, _) = costs(None, dir.path(), n, idle);
+        let (_, pc, _) = costs(Some(&pm2), dir.path(), n, idle);
         rows.push(format!(
             "| daemon CPU over {idle} s idle, {n} Node workers (% of a core) | {sc:.3} | {pc:.3} | {} |",
             ratio(sc, pc)
         ));
     }
     for n in if quick { vec![] } else { vec![2usize, 100] } {
-        let (_, _, _, sl) = costs(None, dir.path(), n, 1);
-        let (_, _, _, pl) = costs(Some(&pm2), dir.path(), n, 1);
+        let (_, _, sl) = costs(None, dir.path(), n, 1);
+        let (_, _, pl) = costs(Some(&pm2), dir.path(), n, 1);
         rows.push(format!(
             "| `supctl status --json` vs `pm2 jlist`, {n} workers (median ms) | {sl:.1} | {pl:.1} | {} |",
             ratio(sl, pl)
@@ -543,8 +603,58 @@ fn main() {
     let (st, sm) = many(None, dir.path(), n);
     let (pt, pm) = many(Some(&pm2), dir.path(), n);
     rows.push(format!("| start-up of {n} trivial workers until all up (s) | {st:.2} | {pt:.2} | {} |", ratio(st, pt)));
-    rows.push(format!("| daemon RSS with {n} trivial workers (MiB) | {sm:.1} | {pm:.1} | {} |", ratio(sm, pm)));
+    memory_row(&mut rows, &format!("{n} trivial workers"), sm, pm);
     let _ = pm2.cmd(&["kill"]);
+    print_rows(rows);
+}
+
+fn ratio(s: f64, p: f64) -> String {
+    if s > 0.0 {
+        format!("PM2/sup = {:.1}×", p / s)
+    } else {
+        "–".into()
+    }
+}
+
+/// Settled RSS and PSS, the peak in its own row, and the old 2 s reading for reference.
+fn memory_row(rows: &mut Vec<String>, what: &str, s: Memory, p: Memory) {
+    rows.push(format!(
+        "| daemon RSS settled, {what} (MiB; settled after s) | {:.1} ({:.0} s) | {:.1} ({:.0} s) | {} |",
+        s.rss,
+        s.secs,
+        p.rss,
+        p.secs,
+        ratio(s.rss, p.rss)
+    ));
+    rows.push(format!("| daemon PSS settled, {what} (MiB) | {:.1} | {:.1} | {} |", s.pss, p.pss, ratio(s.pss, p.pss)));
+    rows.push(format!(
+        "| daemon peak RSS (VmHWM) since start, {what} (MiB) | {:.1} | {:.1} | {} |",
+        s.peak,
+        p.peak,
+        ratio(s.peak, p.peak)
+    ));
+    rows.push(format!(
+        "| daemon RSS 2 s after all up (transient), {what} (MiB) | {:.1} | {:.1} | {} |",
+        s.early,
+        p.early,
+        ratio(s.early, p.early)
+    ));
+}
+
+/// Only the memory rows (`--memory`), A/B per size.
+fn memory_rows(pm2: &Pm2, dir: &Path, rows: &mut Vec<String>) {
+    for n in [2usize, 16] {
+        let (sm, _, _) = costs(None, dir, n, 1);
+        let (pm, _, _) = costs(Some(pm2), dir, n, 1);
+        memory_row(rows, &format!("{n} Node workers"), sm, pm);
+    }
+    let n = 1000;
+    let (_, sm) = many(None, dir, n);
+    let (_, pm) = many(Some(pm2), dir, n);
+    memory_row(rows, &format!("{n} trivial workers"), sm, pm);
+}
+
+fn print_rows(rows: Vec<String>) {
     println!("| figure | supd | PM2 | ratio |");
     println!("|---|---|---|---|");
     for r in rows {

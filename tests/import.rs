@@ -85,6 +85,13 @@ fn assert_warns(stderr: &str, app: &str, options: &[&str]) {
     }
 }
 
+/// `table` sets `watch` to `line`'s value, as a key or (until sup has `watch`) as a comment.
+fn assert_watch(toml: &str, header: &str, line: &str) {
+    let t = table(toml, header);
+    let found = t.iter().any(|l| *l == line || l.strip_prefix("# ") == Some(line));
+    assert!(found, "{header} lacks `{line}`; it has:\n{}", t.join("\n"));
+}
+
 #[test]
 fn js_file_with_two_apps_and_env_production() {
     if !node_available() {
@@ -118,12 +125,8 @@ fn js_file_with_two_apps_and_env_production() {
             "logs = { combined = true }",
         ],
     );
-    // Options not carried over are also comments in the output.
-    let api = table(&r.toml, "[apps.api]").join("\n");
-    for o in ["watch", "ignore_watch"] {
-        let c = format!("# option `{o}` is not supported by sup and was not carried over");
-        assert!(api.contains(&c), "[apps.api] lacks `{c}`:\n{api}");
-    }
+    // watch + ignore_watch carry over to `watch` (a comment until this sup has the key).
+    assert_watch(&r.toml, "[apps.api]", r#"watch = { ignore = ["node_modules"] }"#);
     // env_production merged over env; PORT became `listen`.
     let env = table(&r.toml, "[apps.api.env]");
     for line in [r#"NODE_ENV = "production""#, r#"LOG_LEVEL = "info""#, r#"DATABASE_POOL = "20""#] {
@@ -140,12 +143,19 @@ fn js_file_with_two_apps_and_env_production() {
             "instances = 1",
             r#"ready = "none""#,
             r#"stop_timeout = "30000ms""#,
+            r#"instance_var = "WORKER_ID""#,
         ],
     );
     assert_lines(&r.toml, "[apps.internal-worker.env]", &[r#"QUEUE_URL = "redis://127.0.0.1:6379/0""#]);
 
-    assert_warns(&r.stderr, "api", &["watch", "ignore_watch"]);
-    assert_warns(&r.stderr, "internal-worker", &["namespace", "instance_var", "source_map_support"]);
+    assert_warns(&r.stderr, "internal-worker", &["namespace", "source_map_support"]);
+    for o in ["watch", "ignore_watch", "instance_var"] {
+        assert!(
+            !r.stderr.contains(&format!("option `{o}` is not supported")),
+            "{o} reported as unsupported: {}",
+            r.stderr
+        );
+    }
     for w in [
         "app `api`: option `out_file`",
         "app `api`: option `error_file`",
@@ -173,6 +183,13 @@ fn js_file_without_env_uses_env_only_and_prints_to_stdout() {
     assert!(env.contains(&r#"LOG_LEVEL = "debug""#), "{env:?}");
     assert!(!env.iter().any(|l| l.starts_with("DATABASE_POOL")), "{env:?}");
     assert!(toml.contains("# `env_production` was not used (select it with `supctl import --env production`)"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for w in [
+        "app `api`: has `env_production`, which was not merged: add `--env production` to merge it over `env`",
+        "app `api`: has `env_staging`, which was not merged: add `--env staging`",
+    ] {
+        assert!(err.contains(w), "stderr lacks `{w}`:\n{err}");
+    }
 
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("supervisor.toml");
@@ -212,7 +229,15 @@ fn json_file_with_fixed_delay_no_autorestart_and_no_interpreter() {
             r#"logs = { combined = true, format = "json" }"#,
         ],
     );
-    assert_warns(&r.stderr, "nightly-report", &["time", "vizion"]);
+    assert_warns(&r.stderr, "nightly-report", &["vizion"]);
+    // sup always stamps lines: `time: true` is said in the output, not reported as missing.
+    assert!(!r.stderr.contains("option `time`"), "{}", r.stderr);
+    assert!(
+        table(&r.toml, "[apps.nightly-report]")
+            .contains(&"# PM2 time = true: sup always stamps every line with the time; nothing to set"),
+        "{}",
+        r.toml
+    );
     assert!(r.stderr.contains("app `nightly-report`: option `log_file`"), "{}", r.stderr);
     assert_checks(&r.file);
 }
@@ -234,7 +259,7 @@ fn json_array_root_with_renames_and_inferred_interpreter() {
         &[r#"command = ["bash", "tools/cleanup.sh"]"#, r#"backoff = { initial = "20000ms", max = "20000ms" }"#],
     );
     assert_warns(&r.stderr, "queue", &["increment_var", "post_update"]);
-    assert_warns(&r.stderr, "queue-2", &["watch_delay"]);
+    assert!(table(&r.toml, "[apps.queue-2]").contains(&"# PM2 watch_delay: no effect without watch"), "{}", r.toml);
     assert!(r.stderr.contains("app `queue`: instances = -1 (all CPUs but 1) became \"max\""), "{}", r.stderr);
     assert!(r.stderr.contains("app `queue-2`: renamed from PM2 name `queue`"), "{}", r.stderr);
     assert_checks(&r.file);
@@ -248,6 +273,89 @@ fn esm_file() {
     let r = import("ecosystem.config.mjs", &[]);
     assert_lines(&r.toml, "[apps.esm-app]", &[r#"command = ["node", "index.mjs"]"#]);
     assert_checks(&r.file);
+}
+
+#[test]
+fn esm_shapes_import() {
+    if !node_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let app = |n: &str| format!("{{ name: '{n}', script: '{n}.js', instances: 2, env: {{ PORT: '3000' }} }}");
+    let cases = [
+        ("named.mjs", format!("export const apps = [{}];\n", app("named-mjs"))),
+        ("named.config.js", format!("export const apps = [{}];\n", app("named-js"))),
+        ("default.config.js", format!("export default {{ apps: [{}] }};\n", app("default-js"))),
+        ("default.mjs", format!("const apps = [{}];\nexport default {{ apps }};\n", app("default-mjs"))),
+        ("both.mjs", format!("export const apps = [];\nexport default {{ apps: [{}] }};\n", app("both"))),
+        ("common.cjs", format!("module.exports = {{ apps: [{}] }};\n", app("common"))),
+    ];
+    for (file, body) in &cases {
+        let src = dir.path().join(file);
+        std::fs::write(&src, body).expect("write");
+        let out_file = dir.path().join(format!("{file}.toml"));
+        let out = supctl(&["import", src.to_str().expect("utf-8"), "-o", out_file.to_str().expect("utf-8")]);
+        assert_eq!(out.status.code(), Some(0), "{file}: {}", String::from_utf8_lossy(&out.stderr));
+        let toml = std::fs::read_to_string(&out_file).expect("read");
+        let name = body.split("name: '").nth(1).and_then(|r| r.split('\'').next()).expect("name");
+        assert_lines(
+            &toml,
+            &format!("[apps.{name}]"),
+            &[&format!(r#"command = ["node", "{name}.js"]"#), "instances = 2"],
+        );
+        assert_checks(&out_file);
+    }
+    // An ES module that exports no apps says what it found.
+    let src = dir.path().join("none.mjs");
+    std::fs::write(&src, "export const servers = [];\n").expect("write");
+    let out = supctl(&["import", src.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("no `apps` array in the exported object"), "{err}");
+}
+
+#[test]
+fn instance_var_reaches_the_workers_and_watch_carries_over() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let src = dir.path().join("ecosystem.json");
+    std::fs::write(
+        &src,
+        r#"{ "apps": [{ "name": "slots", "script": "sh", "interpreter": "none",
+             "args": ["-c", "echo slot=$WORKER_ID; exec sleep 1000"], "instances": 2, "exec_mode": "fork",
+             "instance_var": "WORKER_ID", "time": true,
+             "watch": ["src", "lib"], "ignore_watch": ["node_modules", "*.log"], "watch_delay": 500 }] }"#,
+    )
+    .expect("write");
+    let config = dir.path().join("supervisor.toml");
+    let out = supctl(&["import", src.to_str().expect("utf-8"), "-o", config.to_str().expect("utf-8")]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("option `time`") && !err.contains("option `instance_var`"), "{err}");
+    let toml = std::fs::read_to_string(&config).expect("read");
+    assert_lines(&toml, "[apps.slots]", &[r#"instance_var = "WORKER_ID""#]);
+    assert_watch(
+        &toml,
+        "[apps.slots]",
+        r#"watch = { paths = ["src", "lib"], ignore = ["node_modules", "*.log"], debounce = "500ms" }"#,
+    );
+    assert_checks(&config);
+
+    // Run it: each worker sees its slot number in WORKER_ID.
+    let toml = toml.replacen(
+        "\n[supervisor]\n",
+        "\n[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\n",
+        1,
+    );
+    std::fs::write(&config, toml).expect("write");
+    let socket = dir.path().join("run/control.sock");
+    let d = sup::Daemon::start_with(dir, config, socket);
+    d.wait_ready("slots", 2);
+    sup::wait_until("both slots to print their WORKER_ID", sup::DEADLINE, || {
+        let out = d.supctl(&["logs", "slots", "-n", "10"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text.contains("slots#0") && text.contains("slot=0") && text.contains("slots#1") && text.contains("slot=1"))
+            .then_some(())
+    });
 }
 
 #[test]
@@ -279,7 +387,7 @@ fn yaml_file_with_cron_restart_and_an_invalid_pattern() {
         r.stderr
     );
     assert!(r.stderr.contains("the hour field `99` is out of range or malformed"), "{}", r.stderr);
-    assert_warns(&r.stderr, "mailer", &["watch"]);
+    assert_watch(&r.toml, "[apps.mailer]", r#"watch = { paths = ["templates"] }"#);
     assert_checks(&r.file);
 }
 

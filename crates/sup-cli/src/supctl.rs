@@ -9,14 +9,32 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "supctl", version, after_help = EXIT_CODES)]
 pub struct Cli {
-    /// Control socket of supd (default: from --config, else /run/supd/control.sock as root, else $XDG_RUNTIME_DIR/supd/control.sock).
-    #[arg(long, global = true, env = "SUPD_SOCKET")]
+    /// Control socket of supd [env: SUPD_SOCKET] (default: from --config, else /run/supd/control.sock as root, else $XDG_RUNTIME_DIR/supd/control.sock).
+    // The environment is read by `socket_file`, not by clap: clap renders an env-set
+    // argument in every usage line as if it had to be typed.
+    #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// supervisor.toml to take the control socket path from.
-    #[arg(long, global = true, env = "SUPD_CONFIG")]
+    /// supervisor.toml to take the control socket path from [env: SUPD_CONFIG].
+    #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// `--config`, else a non-empty `SUPD_CONFIG`.
+    pub fn config_file(&self) -> Option<PathBuf> {
+        self.config.clone().or_else(|| env_path("SUPD_CONFIG"))
+    }
+
+    /// `--socket`, else a non-empty `SUPD_SOCKET`.
+    pub fn socket_file(&self) -> Option<PathBuf> {
+        self.socket.clone().or_else(|| env_path("SUPD_SOCKET"))
+    }
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
 pub const EXIT_CODES: &str = "Exit status: 0 success, 1 the operation failed, 2 usage error, 3 supd cannot be reached.";
@@ -92,12 +110,16 @@ pub enum Command {
         interval: std::time::Duration,
     },
     /// Start an app's stopped or errored instances and wait until they are ready.
+    #[command(group(clap::ArgGroup::new("which").args(["app", "all"]).required(true)))]
     Start(Target),
     /// Stop an app gracefully (stop signal, then SIGKILL after stop_timeout).
+    #[command(group(clap::ArgGroup::new("which").args(["app", "all"]).required(true)))]
     Stop(Target),
     /// Stop then start an app (use reload for zero downtime).
+    #[command(group(clap::ArgGroup::new("which").args(["app", "all"]).required(true)))]
     Restart(Target),
     /// Zero-downtime rolling reload: re-read the app's configuration, start a new worker per slot, wait until it is ready, then drain the old one. Rolls back and exits 1 if a new worker fails.
+    #[command(group(clap::ArgGroup::new("which").args(["app", "all"]).required(true)))]
     Reload {
         #[command(flatten)]
         target: Target,
@@ -151,6 +173,14 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// Add an app without editing TOML by hand (PM2's `start CMD --name NAME`): supd writes an [apps.NAME] table into the file it runs from (keeping its comments), checks the result, and applies the file. The file stays the one source of truth: the app is still there after supd restarts.
+    #[command(override_usage = "supctl add [OPTIONS] <NAME> -- <COMMAND> [ARGS]...")]
+    Add(AddArgs),
+    /// Stop an app and remove its [apps.NAME] table from supd's file (PM2's `delete`).
+    Remove {
+        /// The app.
+        name: String,
+    },
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -161,14 +191,49 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct Target {
     /// The app.
-    #[arg(required_unless_present = "all", conflicts_with = "all")]
     pub app: Option<String>,
-    /// Every app.
+    /// Every app (instead of APP).
     #[arg(long)]
     pub all: bool,
     /// Wait for an operation in progress instead of failing with "busy".
     #[arg(long)]
     pub wait: bool,
+}
+
+/// Arguments of `supctl add`.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    /// The app's name.
+    pub name: String,
+    /// Number of workers (default 1; "max" is one per CPU only in the file).
+    #[arg(short, long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub instances: Option<u32>,
+    /// A socket supd binds and passes to every worker (LISTEN_FDS), e.g. 127.0.0.1:3000; repeat for more.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// The port the app binds itself (what `--ready tcp` and `--ready /health` probe).
+    #[arg(long, value_name = "PORT")]
+    pub port: Option<u16>,
+    /// How supd learns a worker is ready: none, notify, pm2, listening, tcp, or an HTTP path such as /health.
+    #[arg(long, value_name = "KIND")]
+    pub ready: Option<String>,
+    /// An environment variable for the app, K=V; repeat for more.
+    #[arg(short, long, value_name = "K=V", value_parser = parse_env_pair)]
+    pub env: Vec<(String, String)>,
+    /// Working directory (default: the current directory).
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// The program and its arguments, after `--`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `K=V`, with a non-empty name.
+fn parse_env_pair(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("expected K=V, found `{s}`")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

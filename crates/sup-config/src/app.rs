@@ -87,6 +87,8 @@ pub struct AppConfig {
     pub node_cluster: bool,
     /// Rolling restart on this schedule (PM2's `cron_restart`).
     pub cron_restart: Option<crate::cron::CronSchedule>,
+    /// One more variable set to the slot number, besides SUP_INSTANCE and NODE_APP_INSTANCE (PM2's `instance_var`).
+    pub instance_var: Option<String>,
     /// Where output goes, its format and rotation.
     pub logs: crate::logs::LogConfig,
 }
@@ -134,6 +136,7 @@ impl fmt::Debug for AppConfig {
             .field("shutdown_with_message", &self.shutdown_with_message)
             .field("node_cluster", &self.node_cluster)
             .field("cron_restart", &self.cron_restart)
+            .field("instance_var", &self.instance_var)
             .finish()
     }
 }
@@ -269,6 +272,7 @@ impl RawApp {
             shutdown_with_message: self.shutdown_with_message.unwrap_or(false),
             node_cluster,
             cron_restart,
+            instance_var: self.instance_var.map(|v| v.0),
             logs: self.logs.map(|l| l.into_inner().into_config()).unwrap_or_default(),
             name,
         })
@@ -315,6 +319,7 @@ mod tests {
             shutdown_with_message: false,
             node_cluster: false,
             cron_restart: None,
+            instance_var: None,
             logs: crate::logs::LogConfig::default(),
         };
         assert_eq!(app, want);
@@ -341,6 +346,8 @@ mod tests {
         let app = parse_app("listen = [\"127.0.0.1:3000\"]\nnode_cluster = true\ncron_restart = \"30 4 * * 1-5\"");
         assert!(app.node_cluster);
         assert_eq!(app.cron_restart.map(|c| c.pattern().to_string()), Some("30 4 * * 1-5".to_string()));
+        assert_eq!(parse_app("instance_var = \"INSTANCE_ID\"").instance_var.as_deref(), Some("INSTANCE_ID"));
+        assert!(app_err("instance_var = \"A=B\"").contains("invalid environment variable name `A=B`"));
     }
 
     #[test]

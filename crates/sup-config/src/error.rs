@@ -119,6 +119,8 @@ fn explain(message: &str) -> (String, Option<String>) {
         return ("unknown key".to_string(), suggestion);
     }
     if let Some(rest) = message.strip_prefix("unknown variant ") {
+        // `choose` appends other accepted forms (tables) after "; ".
+        let (rest, tail) = rest.split_once("; ").map_or((rest, ""), |(r, t)| (r, t));
         let names = backticked(rest);
         if let Some((given, valid)) = names.split_first() {
             let suggestion = suggest(given, valid.iter().map(String::as_str));
@@ -129,6 +131,7 @@ fn explain(message: &str) -> (String, Option<String>) {
             } else {
                 format!("unknown value `{given}`")
             };
+            let message = if tail.is_empty() { message } else { format!("{message}; {tail}") };
             return (message, suggestion);
         }
     }

@@ -6,9 +6,11 @@
 
 mod app;
 mod backoff;
+mod choice;
 mod command;
 mod cron;
 mod duration;
+mod edit;
 mod env;
 mod error;
 mod identity;
@@ -24,6 +26,7 @@ mod ready;
 mod restart;
 mod signal;
 mod size;
+mod socket;
 mod supervisor;
 
 use std::path::{Path, PathBuf};
@@ -32,16 +35,18 @@ pub use app::AppConfig;
 pub use backoff::Backoff;
 pub use cron::CronSchedule;
 pub use duration::{parse_duration, MAX_DURATION};
+pub use edit::{add_app, remove_app, EditError, NewApp};
 pub use error::{ConfigError, Invalid};
 pub use identity::{Group, User};
 pub use instances::available_cpus;
 pub use listen::ListenAddr;
 pub use logs::{LogConfig, LogFormat, LogTarget};
-pub use paths::{control_socket_of, default_control_socket};
+pub use paths::default_control_socket;
 pub use ready::ReadyCheck;
 pub use restart::RestartPolicy;
 pub use signal::parse_signal;
 pub use size::parse_size;
+pub use socket::{control_socket, SocketLookup};
 pub use supervisor::{SupervisorConfig, FDS_BASE, FDS_PER_WORKER};
 
 use error::Source;

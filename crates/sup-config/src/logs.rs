@@ -24,8 +24,7 @@ pub enum LogTarget {
 }
 
 /// How a line is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum LogFormat {
     /// `TIME APP#SLOT message`.
     #[default]
@@ -98,12 +97,19 @@ struct RawLogTable {
     buffer: Option<SizeValue>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum TargetValue {
-    Files,
-    Journald,
-}
+crate::choice::string_enum!(LogFormat, "\"text\" or \"json\"", [("text", LogFormat::Text), ("json", LogFormat::Json)]);
+
+/// A target name, in a string (`logs = "journald"`) or in the table's `target`.
+#[derive(Debug, Clone, Copy)]
+struct TargetValue(LogTarget);
+
+const TARGETS: [(&str, LogTarget); 2] = [("files", LogTarget::Files), ("journald", LogTarget::Journald)];
+
+crate::choice::string_enum!(
+    TargetValue,
+    "\"files\" or \"journald\"",
+    [("files", TargetValue(LogTarget::Files)), ("journald", TargetValue(LogTarget::Journald))]
+);
 
 /// A size, or `"off"`.
 #[derive(Debug)]
@@ -118,7 +124,7 @@ impl<'de> Deserialize<'de> for SizeOrOff {
                 f.write_str("a size such as \"50M\", or \"off\"")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<SizeOrOff, E> {
-                if v == "off" {
+                if v.trim().eq_ignore_ascii_case("off") {
                     return Ok(SizeOrOff(None));
                 }
                 match crate::size::parse_size(v) {
@@ -146,11 +152,11 @@ struct Every(Duration);
 impl<'de> Deserialize<'de> for Every {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        let dur = match s.as_str() {
+        let dur = match s.trim().to_ascii_lowercase().as_str() {
             "hourly" => Duration::from_secs(3600),
             "daily" => Duration::from_secs(86_400),
             "weekly" => Duration::from_secs(7 * 86_400),
-            other => crate::duration::parse_duration(other)
+            _ => crate::duration::parse_duration(&s)
                 .map_err(|m| de::Error::custom(format!("{m}; or use \"hourly\", \"daily\", \"weekly\"")))?,
         };
         if dur < Duration::from_secs(1) {
@@ -180,13 +186,8 @@ impl<'de> Deserialize<'de> for RawLogs {
                 f.write_str("\"files\", \"journald\", or a table such as { rotate_size = \"50M\", keep = 14 }")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<RawLogs, E> {
-                let target = match v {
-                    "files" => LogTarget::Files,
-                    "journald" => LogTarget::Journald,
-                    other => {
-                        return Err(E::custom(format!("expected \"files\", \"journald\" or a table, found `{other}`")))
-                    }
-                };
+                let target =
+                    crate::choice::choose(v, &TARGETS, "or a table such as { rotate_size = \"50M\", keep = 14 }")?;
                 Ok(RawLogs(LogConfig { target, ..LogConfig::default() }))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RawLogs, A::Error> {
@@ -207,10 +208,7 @@ impl<'de> Deserialize<'de> for RawLogs {
                     None => d.buffer,
                 };
                 Ok(RawLogs(LogConfig {
-                    target: match t.target {
-                        Some(TargetValue::Journald) => LogTarget::Journald,
-                        _ => LogTarget::Files,
-                    },
+                    target: t.target.map_or(LogTarget::Files, |t| t.0),
                     format: t.format.unwrap_or_default(),
                     combined: t.combined.unwrap_or(false),
                     rotate_size: t.rotate_size.map_or(d.rotate_size, |s| s.0),
@@ -254,12 +252,28 @@ mod tests {
             }
         );
         assert_eq!(parse_app("logs = { rotate_size = \"off\", rotate_every = \"90m\" }").logs.rotate_size, None);
+        // Enumerated values match in any case, like every other one in the file.
+        assert_eq!(parse_app("logs = \"Journald\"").logs.target, LogTarget::Journald);
+        let l = parse_app(
+            "logs = { target = \"JOURNALD\", format = \"JSON\", rotate_size = \"Off\", rotate_every = \"Daily\" }",
+        )
+        .logs;
+        assert_eq!(
+            (l.target, l.format, l.rotate_size, l.rotate_every),
+            (LogTarget::Journald, LogFormat::Json, None, Some(Duration::from_secs(86_400)))
+        );
     }
 
     #[test]
     fn errors() {
         let cases: &[(&str, &str)] = &[
-            ("logs = \"syslog\"", "expected \"files\", \"journald\" or a table, found `syslog`"),
+            (
+                "logs = \"syslog\"",
+                "unknown value `syslog`, expected one of `files`, `journald`; or a table such as { rotate_size = \"50M\", keep = 14 }",
+            ),
+            ("logs = \"jornald\"", "(did you mean `journald`?)"),
+            ("logs = { format = \"jsn\" }", "unknown value `jsn`, expected one of `text`, `json` (did you mean `json`?)"),
+            ("logs = { target = \"Jurnald\" }", "(did you mean `journald`?)"),
             ("logs = { keeep = 3 }", "unknown"),
             ("logs = { rotate_every = \"soon\" }", "or use \"hourly\", \"daily\", \"weekly\""),
             ("logs = { max_line = \"10\" }", "max_line must be at least 256 bytes"),

@@ -61,36 +61,6 @@ pub fn default_control_socket() -> PathBuf {
     default_run_dir().join("control.sock")
 }
 
-/// The control socket a file names, read leniently: only `control_socket` and
-/// `run_dir` of `[supervisor]`, line by line if the file is not even valid
-/// TOML, so an error elsewhere in the file (one being edited) never keeps
-/// supctl from reaching supd. The whole file is checked where it matters:
-/// by supd when it applies it.
-pub fn control_socket_of(path: &Path) -> std::io::Result<PathBuf> {
-    let text = std::fs::read_to_string(path)?;
-    let base = std::path::absolute(path)?.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/"));
-    let key = |name: &str| -> Option<String> {
-        if let Ok(table) = text.parse::<toml::Table>() {
-            return table.get("supervisor")?.get(name)?.as_str().map(str::to_string);
-        }
-        let mut section = String::new();
-        for line in text.lines().map(str::trim) {
-            if line.starts_with('[') {
-                section = line.trim_matches(|c| c == '[' || c == ']' || c == ' ').to_string();
-            } else if section == "supervisor" && line.split('=').next().is_some_and(|k| k.trim() == name) {
-                let value = line.parse::<toml::Table>().ok()?;
-                return value.get(name)?.as_str().map(str::to_string);
-            }
-        }
-        None
-    };
-    Ok(match (key("control_socket"), key("run_dir")) {
-        (Some(sock), _) => resolve(&base, &sock),
-        (None, Some(run)) => resolve(&base, &run).join("control.sock"),
-        (None, None) => default_control_socket(),
-    })
-}
-
 /// Resolves `path` against `base` unless it is already absolute.
 pub(crate) fn resolve(base: &Path, path: &str) -> PathBuf {
     base.join(path)
@@ -99,25 +69,6 @@ pub(crate) fn resolve(base: &Path, path: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_socket_of_a_broken_file() {
-        let dir = std::env::temp_dir().join(format!("sup-paths-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("dir");
-        let file = dir.join("s.toml");
-        let cases: &[(&str, PathBuf)] = &[
-            // Valid TOML, invalid config.
-            ("[supervisor]\ncontrol_socket = \"run/c.sock\"\n[apps.web]\ninstances = -2\n", dir.join("run/c.sock")),
-            // Not even TOML.
-            ("[supervisor]\nrun_dir = \"/r\"\n[apps.web]\nready = = \"notify\"\n", PathBuf::from("/r/control.sock")),
-            ("[apps.web]\ncontrol_socket = \"/not/this\"\nready = =\n", default_control_socket()),
-        ];
-        for (text, want) in cases {
-            std::fs::write(&file, text).expect("write");
-            assert_eq!(control_socket_of(&file).expect("read"), *want, "{text}");
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-    }
 
     #[test]
     fn run_dirs() {

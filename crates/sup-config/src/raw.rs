@@ -88,5 +88,6 @@ pub(crate) struct RawApp {
     pub shutdown_with_message: Option<bool>,
     pub node_cluster: Option<Spanned<bool>>,
     pub cron_restart: Option<Spanned<String>>,
+    pub instance_var: Option<EnvName>,
     pub logs: Option<Spanned<crate::logs::RawLogs>>,
 }

@@ -30,6 +30,8 @@ pub enum ReadyCheck {
 
 const FORMS: &str =
     "\"none\", \"notify\", \"pm2\", \"listening\", \"accepting\", { http = \"/health\" } or { tcp = true }";
+/// The table forms, named after a string that matched no kind.
+const TABLES: &str = "or a table: ready = { http = \"/health\" } or ready = { tcp = true }";
 
 impl<'de> Deserialize<'de> for ReadyCheck {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -55,14 +57,14 @@ impl<'de> Visitor<'de> for ReadyVisitor {
     }
 
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        match v {
-            "none" => Ok(ReadyCheck::None),
-            "notify" => Ok(ReadyCheck::Notify),
-            "pm2" => Ok(ReadyCheck::Pm2),
-            "listening" => Ok(ReadyCheck::Listening),
-            "accepting" => Ok(ReadyCheck::Accepting),
-            _ => Err(E::custom(format!("expected {FORMS}, found `{v}`"))),
-        }
+        let choices = [
+            ("none", ReadyCheck::None),
+            ("notify", ReadyCheck::Notify),
+            ("pm2", ReadyCheck::Pm2),
+            ("listening", ReadyCheck::Listening),
+            ("accepting", ReadyCheck::Accepting),
+        ];
+        crate::choice::choose(v, &choices, TABLES)
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -104,6 +106,9 @@ mod tests {
             ("ready = \"none\"", ReadyCheck::None),
             ("ready = \"notify\"", ReadyCheck::Notify),
             ("ready = \"pm2\"", ReadyCheck::Pm2),
+            ("ready = \"Notify\"", ReadyCheck::Notify),
+            ("ready = \"NONE\"", ReadyCheck::None),
+            ("ready = \"PM2\"", ReadyCheck::Pm2),
             ("listen = [\"127.0.0.1:3000\"]\nnode_cluster = true\nready = \"listening\"", ReadyCheck::Listening),
             ("listen = [\"127.0.0.1:3000\"]\nready = \"accepting\"", ReadyCheck::Accepting),
             ("port = 80\nready = { http = \"/health\" }", ReadyCheck::Http { path: "/health".to_string() }),
@@ -115,7 +120,15 @@ mod tests {
         let cases: &[(&str, &str)] = &[
             (
                 "ready = \"http\"",
-                "/x/sup.toml:3:9: key `apps.web.ready`: expected \"none\", \"notify\", \"pm2\", \"listening\", \"accepting\", { http = \"/health\" } or { tcp = true }, found `http`",
+                "/x/sup.toml:3:9: key `apps.web.ready`: unknown value `http`, expected one of `none`, `notify`, `pm2`, `listening`, `accepting`; or a table: ready = { http = \"/health\" } or ready = { tcp = true }",
+            ),
+            (
+                "ready = \"notfy\"",
+                "/x/sup.toml:3:9: key `apps.web.ready`: unknown value `notfy`, expected one of `none`, `notify`, `pm2`, `listening`, `accepting`; or a table: ready = { http = \"/health\" } or ready = { tcp = true } (did you mean `notify`?)",
+            ),
+            (
+                "ready = \"Listenin\"",
+                "/x/sup.toml:3:9: key `apps.web.ready`: unknown value `Listenin`, expected one of `none`, `notify`, `pm2`, `listening`, `accepting`; or a table: ready = { http = \"/health\" } or ready = { tcp = true } (did you mean `listening`?)",
             ),
             (
                 "ready = { http = \"health\" }",

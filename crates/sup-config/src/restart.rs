@@ -1,10 +1,7 @@
 //! `restart`: when a worker that exited is started again.
 
-use serde::Deserialize;
-
 /// When a worker that exited is restarted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RestartPolicy {
     /// Always restart, whatever the exit status.
     #[default]
@@ -14,6 +11,12 @@ pub enum RestartPolicy {
     /// Never restart.
     Never,
 }
+
+crate::choice::string_enum!(
+    RestartPolicy,
+    "\"always\", \"on-failure\" or \"never\"",
+    [("always", RestartPolicy::Always), ("on-failure", RestartPolicy::OnFailure), ("never", RestartPolicy::Never)]
+);
 
 #[cfg(test)]
 mod tests {
@@ -27,6 +30,8 @@ mod tests {
             ("restart = \"always\"", RestartPolicy::Always),
             ("restart = \"on-failure\"", RestartPolicy::OnFailure),
             ("restart = \"never\"", RestartPolicy::Never),
+            ("restart = \"On-Failure\"", RestartPolicy::OnFailure),
+            ("restart = \"NEVER\"", RestartPolicy::Never),
         ];
         for (line, want) in ok {
             assert_eq!(parse_app(line).restart, *want, "{line}");
@@ -39,6 +44,14 @@ mod tests {
             (
                 "restart = \"sometimes\"",
                 "/x/sup.toml:3:11: key `apps.web.restart`: unknown value `sometimes`, expected one of `always`, `on-failure`, `never`",
+            ),
+            (
+                "restart = \"Alwys\"",
+                "/x/sup.toml:3:11: key `apps.web.restart`: unknown value `Alwys`, expected one of `always`, `on-failure`, `never` (did you mean `always`?)",
+            ),
+            (
+                "restart = 1",
+                "/x/sup.toml:3:11: key `apps.web.restart`: invalid type: integer `1`, expected \"always\", \"on-failure\" or \"never\"",
             ),
         ];
         for (line, want) in cases {

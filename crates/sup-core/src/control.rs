@@ -364,6 +364,7 @@ fn api_error(e: ApiError) -> Resp {
         ApiError::UnknownApp(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
         ApiError::BadRequest(_) => error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()),
         ApiError::InvalidConfig(_) => error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_config", e.to_string()),
+        ApiError::FileNotChanged(_) => error(StatusCode::CONFLICT, "file_not_changed", e.to_string()),
         ApiError::ShuttingDown => error(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", e.to_string()),
     }
 }
@@ -493,8 +494,19 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
             Some(Ok(h)) => json(StatusCode::OK, &h),
         };
     }
-    if !["/start", "/stop", "/restart", "/reload", "/rollback", "/promote", "/scale", "/config/apply"]
-        .contains(&rest.as_str())
+    if ![
+        "/start",
+        "/stop",
+        "/restart",
+        "/reload",
+        "/rollback",
+        "/promote",
+        "/scale",
+        "/config/apply",
+        "/apps/add",
+        "/apps/remove",
+    ]
+    .contains(&rest.as_str())
     {
         return error(StatusCode::NOT_FOUND, "not_found", format!("no route `{path}`"));
     }
@@ -551,6 +563,20 @@ async fn route(sup: Arc<Supervisor>, peer: Peer, followers: &Followers, req: Req
                 Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
             };
             stream(move |p| async move { sup.scale(&scale.app, scale.instances, scale.wait, p).await }).await
+        }
+        "/apps/add" => {
+            let add: sup_proto::AddRequest = match parse(&body) {
+                Ok(a) => a,
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+            };
+            stream(move |p| async move { sup.add_app(add, peer.uid, p).await }).await
+        }
+        "/apps/remove" => {
+            let rm: sup_proto::RemoveRequest = match parse(&body) {
+                Ok(a) => a,
+                Err(m) => return error(StatusCode::BAD_REQUEST, "bad_request", m),
+            };
+            stream(move |p| async move { sup.remove_app(rm.name, peer.uid, p).await }).await
         }
         _ => {
             if !body.iter().all(u8::is_ascii_whitespace) && body.as_ref() != b"{}" {

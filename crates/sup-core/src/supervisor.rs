@@ -49,6 +49,9 @@ pub enum ApiError {
     /// The configuration file on disk is invalid; nothing was changed.
     #[error("the configuration file is invalid; nothing was changed: {0}")]
     InvalidConfig(String),
+    /// `add` or `remove` could not change the file; it is as it was.
+    #[error("{0}; the file was not changed")]
+    FileNotChanged(String),
 }
 
 /// The verbs of `POST /v1/<verb>`.
@@ -367,6 +370,65 @@ impl Supervisor {
         let _serial = self.apply.lock().await;
         self.refuse_if_closing()?;
         let new = self.read_config().await?;
+        self.apply_config(new, uid, progress).await
+    }
+
+    /// `supctl add`: writes the app's table into the file supd runs from, then applies the
+    /// file as `config apply` does. Serialised with `apply`, so the file has one writer.
+    pub async fn add_app(
+        &self,
+        req: sup_proto::AddRequest,
+        uid: Option<u32>,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
+        let app = sup_config::NewApp {
+            name: req.name,
+            command: req.command,
+            instances: req.instances,
+            listen: req.listen,
+            port: req.port,
+            ready: req.ready,
+            env: req.env,
+            cwd: req.cwd,
+        };
+        self.edit_file(uid, progress, move |path| sup_config::add_app(path, &app)).await
+    }
+
+    /// `supctl remove`: removes the app's table from the file, then applies the file (which
+    /// stops the app).
+    pub async fn remove_app(
+        &self,
+        name: String,
+        uid: Option<u32>,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
+        self.edit_file(uid, progress, move |path| sup_config::remove_app(path, &name)).await
+    }
+
+    /// Runs `edit` on the file off the event loop (it reads, validates, writes and renames),
+    /// then applies the configuration it wrote.
+    async fn edit_file<F>(&self, uid: Option<u32>, progress: Progress, edit: F) -> Result<ActionResponse, ApiError>
+    where
+        F: FnOnce(&std::path::Path) -> Result<Config, sup_config::EditError> + Send + 'static,
+    {
+        self.refuse_if_closing()?;
+        let _serial = self.apply.lock().await;
+        self.refuse_if_closing()?;
+        let path = self.config_path();
+        let new = tokio::task::spawn_blocking(move || edit(&path))
+            .await
+            .map_err(|e| ApiError::FileNotChanged(format!("internal error while editing the file: {e}")))?
+            .map_err(|e| ApiError::FileNotChanged(e.to_string()))?;
+        self.apply_config(new, uid, progress).await
+    }
+
+    /// Makes the running apps match `new`; the caller holds the `apply` lock.
+    async fn apply_config(
+        &self,
+        new: Config,
+        uid: Option<u32>,
+        progress: Progress,
+    ) -> Result<ActionResponse, ApiError> {
         let old = self.config.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let mut results = Vec::new();
         if new.supervisor != old.supervisor {

@@ -307,6 +307,9 @@ fn worker_env(
     set("SUP_APP", cfg.name.clone());
     set("SUP_INSTANCE", slot.to_string());
     set("NODE_APP_INSTANCE", slot.to_string());
+    if let Some(var) = &cfg.instance_var {
+        set(var, slot.to_string());
+    }
     set("NOTIFY_SOCKET", notify.display().to_string());
     let port = cfg.port.or_else(|| {
         cfg.listen.iter().find_map(|l| match l {

@@ -267,6 +267,42 @@ pub struct ScaleRequest {
     pub wait: bool,
 }
 
+/// Body of `POST /v1/apps/add`: a new `[apps.NAME]` table for supd to write into its file and start.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddRequest {
+    /// The app's name.
+    pub name: String,
+    /// The program and its arguments.
+    pub command: Vec<String>,
+    /// `instances`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instances: Option<u32>,
+    /// `listen` addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listen: Vec<String>,
+    /// `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// `ready`: `none`, `notify`, `pm2`, `listening`, `tcp` or an HTTP path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// `env`, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<(String, String)>,
+    /// `cwd` (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
+/// Body of `POST /v1/apps/remove`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveRequest {
+    /// The app to stop and remove from the file.
+    pub name: String,
+}
+
 /// One line of the newline-delimited JSON stream of a rollout (`reload`, `scale`, `config apply`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

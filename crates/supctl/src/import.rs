@@ -95,16 +95,24 @@ const MARK: &str = "\n--supctl-import-json--\n";
 const NODE_SCRIPT: &str = r#"
 const f = process.argv[1];
 const fail = (e) => { process.stderr.write(String((e && e.stack) || e) + '\n'); process.exit(1); };
+// An ES module: `export default {...}`, else its named exports (`export const apps = [...]`).
+const plain = (v) => {
+  if (!v || v[Symbol.toStringTag] !== 'Module') return v;
+  if (v.default !== undefined) return v.default;
+  return Object.fromEntries(Object.keys(v).filter((k) => k !== '__esModule').map((k) => [k, v[k]]));
+};
 const done = (v) => {
-  if (v && v[Symbol.toStringTag] === 'Module') v = v.default;
+  v = plain(v);
   process.stdout.write('\n--supctl-import-json--\n' + JSON.stringify(v === undefined ? null : v), () => process.exit(0));
 };
 let loaded;
 try {
   loaded = Promise.resolve(require(f));
 } catch (e) {
-  if (e && (e.code === 'ERR_REQUIRE_ESM' || e.code === 'ERR_REQUIRE_ASYNC_MODULE')) {
-    loaded = import(require('url').pathToFileURL(f).href).then((m) => m.default);
+  // ESM that require() cannot load: .mjs, or `export` in a .js file on a Node without require(esm).
+  const esm = e && (e.code === 'ERR_REQUIRE_ESM' || e.code === 'ERR_REQUIRE_ASYNC_MODULE' || e instanceof SyntaxError);
+  if (esm) {
+    loaded = import(require('url').pathToFileURL(f).href).catch((e2) => Promise.reject(e instanceof SyntaxError ? e : e2));
   } else {
     fail(e);
   }
@@ -371,17 +379,25 @@ const HANDLED: &[&str] = &[
     "gid",
     "autostart",
     "cron_restart",
+    "time",
+    "instance_var",
+    "watch",
+    "ignore_watch",
+    "watch_delay",
 ];
+
+/// Whether this sup's supervisor.toml has `watch`: until it does, `watch` is written as a
+/// comment to uncomment.
+const WATCH_KEY: bool = false;
 
 /// Why some well-known PM2 options have no equivalent, for the output's comments.
 fn hint(key: &str, app: &str) -> Option<String> {
     Some(match key {
-        "watch" | "ignore_watch" | "watch_delay" | "watch_options" => {
-            format!("run `supctl reload {app}` from your deploy script or a file watcher")
-        }
+        "watch_options" => format!(
+            "sup's `watch` takes paths, ignore and debounce only; or run `supctl reload {app}` from your own watcher"
+        ),
         "namespace" => "sup has no namespaces; address the app by its name".into(),
-        "instance_var" | "increment_var" => "sup sets SUP_INSTANCE and NODE_APP_INSTANCE to the slot number".into(),
-        "time" => "sup stamps every log line with the time".into(),
+        "increment_var" => "sup sets SUP_INSTANCE, NODE_APP_INSTANCE and instance_var to the slot number".into(),
         "vizion" | "post_update" => "deploy with your own tooling, then `supctl reload`".into(),
         "source_map_support" => "add --enable-source-maps to node_args".into(),
         "disable_logs" => "use logs = \"journald\" or rotate the files with logs = { keep = N }".into(),
@@ -747,6 +763,27 @@ fn convert_app(
 
     // Logs.
     logs(obj, &mut t);
+    match obj.get("time") {
+        Some(Value::Bool(true)) => {
+            t.comment("PM2 time = true: sup always stamps every line with the time; nothing to set")
+        }
+        Some(Value::Bool(false)) | None | Some(Value::Null) => {}
+        Some(v) => t.invalid("time", v, "true or false"),
+    }
+    match obj.get("instance_var") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(v)) if v == "NODE_APP_INSTANCE" => {
+            t.comment(
+                "PM2 instance_var = \"NODE_APP_INSTANCE\": sup always sets it (and SUP_INSTANCE) to the slot number",
+            );
+        }
+        Some(Value::String(v)) if !v.is_empty() && !v.contains('=') && !v.contains('\0') => {
+            t.comment("PM2 instance_var: this variable is set to the slot number (0, 1, ...), as are SUP_INSTANCE and NODE_APP_INSTANCE");
+            t.set("instance_var", q(v));
+        }
+        Some(v) => t.invalid("instance_var", v, "an environment variable name"),
+    }
+    watch(obj, &name, &mut t);
 
     // Options not carried over.
     let handled: BTreeSet<&str> = HANDLED.iter().copied().collect();
@@ -756,6 +793,10 @@ fn convert_app(
     for k in &unused {
         let env = k.trim_start_matches("env_");
         t.notes.push(format!("`{k}` was not used (select it with `supctl import --env {env}`)"));
+        // Said on stderr too: production settings left behind unnoticed are the costly kind.
+        t.warnings.push(format!(
+            "has `{k}`, which was not merged: add `--env {env}` to merge it over `env`, as `pm2 start --env {env}` does"
+        ));
     }
 
     // Assemble.
@@ -1117,6 +1158,70 @@ fn backoff(obj: &Map<String, Value>, t: &mut Table) {
     }
     if !parts.is_empty() {
         t.set("backoff", format!("{{ {} }}", parts.join(", ")));
+    }
+}
+
+/// watch / ignore_watch / watch_delay → `watch = true` or `watch = { paths, ignore, debounce }`.
+fn watch(obj: &Map<String, Value>, app: &str, t: &mut Table) {
+    let strings = |v: &Value| -> Option<Vec<String>> {
+        match v {
+            Value::String(s) => Some(vec![s.clone()]),
+            Value::Array(a) => a.iter().map(|x| x.as_str().map(str::to_string)).collect(),
+            _ => None,
+        }
+    };
+    let paths = match obj.get("watch") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => {
+            for k in ["ignore_watch", "watch_delay"].iter().filter(|k| obj.contains_key(**k)) {
+                t.comment(&format!("PM2 {k}: no effect without watch"));
+            }
+            return;
+        }
+        Some(Value::Bool(true)) => Vec::new(),
+        Some(v) => match strings(v) {
+            Some(p) => p,
+            None => return t.invalid("watch", v, "true, a path or a list of paths"),
+        },
+    };
+    let ignore = match obj.get("ignore_watch") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => strings(v).unwrap_or_else(|| {
+            t.invalid("ignore_watch", v, "a path or a list of paths");
+            Vec::new()
+        }),
+    };
+    let debounce = match obj.get("watch_delay") {
+        None | Some(Value::Null) => None,
+        Some(v) => match millis(v) {
+            Some(ms) => Some(format!("{ms}ms")),
+            None => {
+                t.invalid("watch_delay", v, "milliseconds");
+                None
+            }
+        },
+    };
+    let mut parts = Vec::new();
+    if !paths.is_empty() {
+        parts.push(format!("paths = {}", array(&paths)));
+    }
+    if !ignore.is_empty() {
+        parts.push(format!("ignore = {}", array(&ignore)));
+    }
+    if let Some(d) = debounce {
+        parts.push(format!("debounce = {}", q(&d)));
+    }
+    let value = if parts.is_empty() { "true".to_string() } else { format!("{{ {} }}", parts.join(", ")) };
+    t.comment(
+        "PM2 watch: sup rolls the app (zero downtime) when files under its cwd change; for development. \
+         sup ignores .git, node_modules, __pycache__ and log files by default",
+    );
+    if WATCH_KEY {
+        t.set("watch", value);
+    } else {
+        t.lines.push(format!("# watch = {value}"));
+        t.warnings.push(format!(
+            "`watch` was written as a comment: this sup has no `watch` yet; run `supctl reload {app}` from a file watcher meanwhile"
+        ));
     }
 }
 

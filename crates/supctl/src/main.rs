@@ -34,7 +34,7 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         return Ok(import::run(args));
     }
     if let Command::Config(ConfigCommand::Check { file }) = &cli.command {
-        let path = file.clone().or(cli.config.clone()).unwrap_or_else(|| PathBuf::from("supervisor.toml"));
+        let path = file.clone().or(cli.config_file()).unwrap_or_else(|| PathBuf::from("supervisor.toml"));
         return Ok(match sup_config::load(&path) {
             Ok(cfg) => {
                 for w in sup_config::warnings(&cfg) {
@@ -145,6 +145,24 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
             rollout(&client, "/v1/scale", &ScaleRequest { app, instances, wait })
         }
         Command::Config(ConfigCommand::Apply) => rollout(&client, "/v1/config/apply", &serde_json::json!({})),
+        Command::Add(a) => {
+            // Relative to where supctl runs, as `pm2 start` is; supd resolves against its file.
+            let cwd = a.cwd.clone().unwrap_or_else(|| PathBuf::from("."));
+            let cwd = std::path::absolute(&cwd)
+                .map_err(|e| ClientError::Config(format!("cannot resolve `{}`: {e}", cwd.display())))?;
+            let req = sup_proto::AddRequest {
+                name: a.name,
+                command: a.command,
+                instances: a.instances,
+                listen: a.listen,
+                port: a.port,
+                ready: a.ready,
+                env: a.env,
+                cwd: Some(cwd.display().to_string()),
+            };
+            rollout(&client, "/v1/apps/add", &req)
+        }
+        Command::Remove { name } => rollout(&client, "/v1/apps/remove", &sup_proto::RemoveRequest { name }),
         Command::Config(ConfigCommand::Check { .. }) => Ok(exit::USAGE),
         Command::Import(_) => Ok(exit::USAGE),
     }
@@ -172,16 +190,31 @@ fn rollout<B: serde::Serialize>(client: &Client, path: &str, body: &B) -> Result
     Ok(code)
 }
 
-/// `--socket`, else `SUPD_SOCKET` (both via clap), else the config's, else the default.
-/// The config file is read leniently: supd itself reports what is wrong with
-/// it when asked to apply it (and says so in systemd's STATUS=).
+/// `--socket` or `SUPD_SOCKET`, else the config's, else the default.
+///
+/// A config file with an error still names the socket (read leniently from `[supervisor]`),
+/// so `status`, `stop` and `logs` keep working while the file is being edited; only the
+/// commands that make supd read the file fail on its error.
 fn socket_path(cli: &Cli) -> Result<PathBuf, ClientError> {
-    if let Some(s) = &cli.socket {
-        return Ok(s.clone());
+    if let Some(s) = cli.socket_file() {
+        return Ok(s);
     }
-    if let Some(cfg) = &cli.config {
-        return sup_config::control_socket_of(cfg)
-            .map_err(|e| ClientError::Config(format!("cannot read `{}`: {e}", cfg.display())));
+    let Some(cfg) = cli.config_file() else {
+        return Ok(sup_config::default_control_socket());
+    };
+    let found = sup_config::control_socket(&cfg).map_err(|e| ClientError::Config(e.to_string()))?;
+    if let Some(e) = found.error {
+        let reads_file = matches!(
+            cli.command,
+            // Not `config apply`: supd reads the file itself and reports its
+            // error, also to systemd (STATUS=) when `systemctl reload` runs it.
+            Command::Reload { .. } | Command::Add(_) | Command::Remove { .. }
+        );
+        if reads_file {
+            return Err(ClientError::Config(e.to_string()));
+        }
+        let first = e.to_string().lines().next().unwrap_or_default().to_string();
+        eprintln!("supctl: warning: {} has an error (running the command anyway): {first}", cfg.display());
     }
-    Ok(sup_config::default_control_socket())
+    Ok(found.socket)
 }

@@ -89,6 +89,8 @@ pub struct AppConfig {
     pub cron_restart: Option<crate::cron::CronSchedule>,
     /// Where output goes, its format and rotation.
     pub logs: crate::logs::LogConfig,
+    /// Roll the app when its files change (development).
+    pub watch: Option<crate::watch::WatchConfig>,
 }
 
 /// Shows env keys only: values may be secrets from `env_file`.
@@ -134,6 +136,7 @@ impl fmt::Debug for AppConfig {
             .field("shutdown_with_message", &self.shutdown_with_message)
             .field("node_cluster", &self.node_cluster)
             .field("cron_restart", &self.cron_restart)
+            .field("watch", &self.watch)
             .finish()
     }
 }
@@ -232,9 +235,12 @@ impl RawApp {
             ),
         };
 
+        let cwd = self.cwd.map_or_else(|| base.to_path_buf(), |c| resolve(base, &c));
+        let watch = self.watch.and_then(|w| w.into_config(&cwd));
+
         Ok(AppConfig {
             command: self.command.0,
-            cwd: self.cwd.map_or_else(|| base.to_path_buf(), |c| resolve(base, &c)),
+            cwd,
             env,
             env_file,
             required_env,
@@ -264,6 +270,7 @@ impl RawApp {
             node_cluster,
             cron_restart,
             logs: self.logs.map(|l| l.into_inner().into_config()).unwrap_or_default(),
+            watch,
             name,
         })
     }
@@ -310,6 +317,7 @@ mod tests {
             node_cluster: false,
             cron_restart: None,
             logs: crate::logs::LogConfig::default(),
+            watch: None,
         };
         assert_eq!(app, want);
     }

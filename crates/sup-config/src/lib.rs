@@ -25,6 +25,7 @@ mod restart;
 mod signal;
 mod size;
 mod supervisor;
+mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -38,6 +39,7 @@ pub use instances::available_cpus;
 pub use listen::ListenAddr;
 pub use logs::{LogConfig, LogFormat, LogTarget};
 pub use paths::default_control_socket;
+pub use watch::{Ignore, WatchConfig, DEFAULT_IGNORE};
 pub use ready::ReadyCheck;
 pub use restart::RestartPolicy;
 pub use signal::parse_signal;

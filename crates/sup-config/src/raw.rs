@@ -88,4 +88,5 @@ pub(crate) struct RawApp {
     pub node_cluster: Option<Spanned<bool>>,
     pub cron_restart: Option<Spanned<String>>,
     pub logs: Option<Spanned<crate::logs::RawLogs>>,
+    pub watch: Option<crate::watch::RawWatch>,
 }

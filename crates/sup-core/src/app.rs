@@ -103,7 +103,7 @@ pub struct App {
 /// Why a version was made, for the history.
 #[derive(Debug, Clone, Copy)]
 pub struct Trigger {
-    /// `start`, `reload`, `apply`, `cron`, `rollback`.
+    /// `start`, `reload`, `apply`, `cron`, `rollback`, `watch`.
     pub kind: &'static str,
     /// Who asked, from the control socket's peer credentials.
     pub uid: Option<u32>,
@@ -355,7 +355,12 @@ impl App {
         wait: bool,
         progress: Progress,
     ) -> AppResult {
-        let trigger = Trigger { kind: if reason == RestartReason::Config { "apply" } else { "reload" }, uid };
+        let kind = match reason {
+            RestartReason::Config => "apply",
+            RestartReason::Watch => "watch",
+            _ => "reload",
+        };
+        let trigger = Trigger { kind, uid };
         self.run_op("reload", wait, move |app, fence| async move {
             app.roll_canary(cfg, None, reason, trigger, canary, fence, &progress).await
         })

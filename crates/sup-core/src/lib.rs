@@ -23,6 +23,7 @@ pub mod app;
 pub mod control;
 pub mod cron;
 pub mod fdstore;
+pub mod filewatch;
 pub mod history;
 pub mod listeners;
 pub mod logread;
@@ -67,6 +68,7 @@ mod layers {
         ("supervisor", 5),
         ("monitor", 6),
         ("cron", 6),
+        ("filewatch", 6),
         ("metrics", 6),
         ("control", 6),
     ];
@@ -89,6 +91,7 @@ mod layers {
         ("supervisor", include_str!("supervisor.rs")),
         ("monitor", include_str!("monitor.rs")),
         ("cron", include_str!("cron.rs")),
+        ("filewatch", include_str!("filewatch.rs")),
         ("metrics", include_str!("metrics.rs")),
         ("control", include_str!("control.rs")),
     ];

@@ -75,6 +75,8 @@ pub enum RestartReason {
     Config,
     /// Its `cron_restart` schedule came due.
     Cron,
+    /// A file it `watch`es changed.
+    Watch,
 }
 
 impl RestartReason {
@@ -88,6 +90,7 @@ impl RestartReason {
             RestartReason::Watchdog => "watchdog",
             RestartReason::Config => "config",
             RestartReason::Cron => "cron",
+            RestartReason::Watch => "watch",
         }
     }
 }

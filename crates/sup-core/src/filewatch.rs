@@ -142,7 +142,7 @@ fn watch_files(app: &str, paths: &[PathBuf], filter: &Filter, out: &mpsc::Unboun
             tracing::warn!(app, path = %p.display(), "watch: path does not exist; not watched");
             continue;
         }
-        folders += add_tree(app, &mut watcher, p, filter, folders);
+        folders += add_tree(app, &mut watcher, p, filter, folders).0;
     }
     let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
     tracing::info!(app, folders, paths = %shown.join(", "), "watch: watching for changes");
@@ -166,19 +166,33 @@ fn watch_files(app: &str, paths: &[PathBuf], filter: &Filter, out: &mpsc::Unboun
                 continue;
             }
             let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-            if matches!(event.kind, EventKind::Create(_)) && is_dir {
-                folders += add_tree(app, &mut watcher, &path, filter, folders);
-            }
-            if out.send(path).is_err() {
+            let change = if matches!(event.kind, EventKind::Create(_)) && is_dir {
+                // An empty new folder changes nothing; files written into it
+                // before its watch was added are found by the walk.
+                let (n, file) = add_tree(app, &mut watcher, &path, filter, folders);
+                folders += n;
+                file
+            } else {
+                Some(path)
+            };
+            if change.is_some_and(|p| out.send(p).is_err()) {
                 return;
             }
         }
     }
 }
 
-/// Watches `root` and every folder under it that is not ignored; returns how many.
-fn add_tree(app: &str, watcher: &mut impl Watcher, root: &Path, filter: &Filter, already: usize) -> usize {
+/// Watches `root` and every folder under it that is not ignored; returns how
+/// many, and one file found in them that is not ignored.
+fn add_tree(
+    app: &str,
+    watcher: &mut impl Watcher,
+    root: &Path,
+    filter: &Filter,
+    already: usize,
+) -> (usize, Option<PathBuf>) {
     let mut added = 0;
+    let mut file = None;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         if already + added >= MAX_FOLDERS {
@@ -192,24 +206,48 @@ fn add_tree(app: &str, watcher: &mut impl Watcher, root: &Path, filter: &Filter,
         added += 1;
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
         for e in entries.flatten() {
+            let path = e.path();
+            if filter.ignored(&path) {
+                continue;
+            }
             // Symbolic links are not followed: a link to `/` must not watch the disk.
-            if e.file_type().is_ok_and(|t| t.is_dir()) && !filter.ignored(&e.path()) {
-                stack.push(e.path());
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            } else if file.is_none() {
+                file = Some(path);
             }
         }
     }
-    added
+    (added, file)
+}
+
+/// Changed paths gathered for one rollout.
+struct Batch {
+    first: PathBuf,
+    latest: PathBuf,
+    count: usize,
+}
+
+impl Batch {
+    fn new(p: PathBuf) -> Batch {
+        Batch { first: p.clone(), latest: p, count: 1 }
+    }
+
+    fn add(&mut self, p: PathBuf) {
+        self.latest = p;
+        self.count += 1;
+    }
 }
 
 /// The event-loop half: rolls the app once changes pause, one rollout at a time.
 async fn debounce(app: Weak<App>, cwd: PathBuf, period: Duration, mut rx: mpsc::UnboundedReceiver<PathBuf>) {
-    // A change that came during the last rollout: the reason for one more.
-    let mut carried: Option<(PathBuf, usize)> = None;
+    // Changes that came during the last rollout: the reason for one more.
+    let mut carried: Option<Batch> = None;
     loop {
-        let (first, mut more) = match carried.take() {
-            Some(c) => c,
+        let mut batch = match carried.take() {
+            Some(b) => b,
             None => match rx.recv().await {
-                Some(p) => (p, 0),
+                Some(p) => Batch::new(p),
                 None => return,
             },
         };
@@ -218,7 +256,7 @@ async fn debounce(app: Weak<App>, cwd: PathBuf, period: Duration, mut rx: mpsc::
         loop {
             tokio::select! {
                 p = rx.recv() => match p {
-                    Some(_) => more += 1,
+                    Some(p) => batch.add(p),
                     None => return,
                 },
                 _ = tokio::time::sleep(period) => break,
@@ -228,12 +266,18 @@ async fn debounce(app: Weak<App>, cwd: PathBuf, period: Duration, mut rx: mpsc::
             }
         }
         let Some(app) = app.upgrade() else { return };
-        let file = first.strip_prefix(&cwd).unwrap_or(&first).display().to_string();
+        let shown = |p: &Path| p.strip_prefix(&cwd).unwrap_or(p).display().to_string();
+        let file = shown(&batch.first);
         if !app.is_running() {
             tracing::info!(app = %app.name, file, "watch: a file changed, but no worker runs: nothing to reload");
             continue;
         }
-        tracing::info!(app = %app.name, file, also_changed = more, "watch: reloading after a change");
+        if batch.count == 1 {
+            tracing::info!(app = %app.name, file, "watch: reloading after a change");
+        } else {
+            let (changes, latest) = (batch.count, shown(&batch.latest));
+            tracing::info!(app = %app.name, file, changes, latest, "watch: reloading after a change");
+        }
         let cfg = app.spec().cfg.clone();
         let (progress, _events) = mpsc::unbounded_channel();
         // `wait`: another operation in progress (an operator's reload) runs first, then this one.
@@ -242,13 +286,11 @@ async fn debounce(app: Weak<App>, cwd: PathBuf, period: Duration, mut rx: mpsc::
         let result = loop {
             tokio::select! {
                 r = &mut reload => break r,
-                p = rx.recv() => match p {
-                    Some(p) => match &mut carried {
-                        Some((_, n)) => *n += 1,
-                        None => carried = Some((p, 0)),
-                    },
+                p = rx.recv() => match (p, &mut carried) {
+                    (Some(p), Some(b)) => b.add(p),
+                    (Some(p), None) => carried = Some(Batch::new(p)),
                     // The watcher was replaced; the rollout goes on in its own task.
-                    None => return,
+                    (None, _) => return,
                 },
             }
         };

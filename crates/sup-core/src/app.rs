@@ -242,6 +242,23 @@ impl App {
         .await
     }
 
+    /// `watch`: a rolling reload onto the app's current table, its release
+    /// pinned anew as `supctl reload` does. The table is read once the app is
+    /// free, so waiting behind an operator's reload never undoes it; skipped
+    /// when no worker runs (an operator stopped the app).
+    pub async fn watch_reload(self: &Arc<Self>) -> AppResult {
+        self.run_op("watch reload", true, |app, fence| async move {
+            if !app.is_running() {
+                return app.result_ok("skipped: no worker runs");
+            }
+            let cfg = app.spec().cfg.clone();
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let trigger = Trigger { kind: "watch", uid: None };
+            app.roll(cfg, None, RestartReason::Watch, trigger, fence, &tx).await
+        })
+        .await
+    }
+
     /// Whether any slot has a worker process.
     pub fn is_running(&self) -> bool {
         self.slots().iter().any(|s| s.view.borrow().pid.is_some())
@@ -355,12 +372,7 @@ impl App {
         wait: bool,
         progress: Progress,
     ) -> AppResult {
-        let kind = match reason {
-            RestartReason::Config => "apply",
-            RestartReason::Watch => "watch",
-            _ => "reload",
-        };
-        let trigger = Trigger { kind, uid };
+        let trigger = Trigger { kind: if reason == RestartReason::Config { "apply" } else { "reload" }, uid };
         self.run_op("reload", wait, move |app, fence| async move {
             app.roll_canary(cfg, None, reason, trigger, canary, fence, &progress).await
         })
@@ -1030,6 +1042,11 @@ impl App {
             "shutdown_with_message": c.shutdown_with_message,
             "node_cluster": c.node_cluster,
             "cron_restart": c.cron_restart.as_ref().map(|c| c.pattern().to_string()),
+            "watch": c.watch.as_ref().map(|w| serde_json::json!({
+                "paths": w.paths,
+                "ignore": w.ignore,
+                "debounce_ms": w.debounce.as_millis() as u64,
+            })),
             "env_keys": c.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
             "env_file": c.env_file,
             "log_files": files,

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use notify::{EventKind, RecursiveMode, Watcher};
 use sup_config::{Ignore, WatchConfig};
-use sup_proto::RestartReason;
 use tokio::sync::mpsc;
 
 use crate::app::App;
@@ -278,10 +277,8 @@ async fn debounce(app: Weak<App>, cwd: PathBuf, period: Duration, mut rx: mpsc::
             let (changes, latest) = (batch.count, shown(&batch.latest));
             tracing::info!(app = %app.name, file, changes, latest, "watch: reloading after a change");
         }
-        let cfg = app.spec().cfg.clone();
-        let (progress, _events) = mpsc::unbounded_channel();
-        // `wait`: another operation in progress (an operator's reload) runs first, then this one.
-        let reload = app.reload(cfg, RestartReason::Watch, None, None, true, progress);
+        // Another operation in progress (an operator's reload) runs first, then this one.
+        let reload = app.watch_reload();
         tokio::pin!(reload);
         let result = loop {
             tokio::select! {

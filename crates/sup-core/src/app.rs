@@ -109,6 +109,21 @@ pub struct Trigger {
     pub uid: Option<u32>,
 }
 
+/// Steering of a rollout; dropping it gives new connections back to the kernel's hash.
+struct Steering {
+    groups: crate::steer::Groups,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.groups.steer(None);
+    }
+}
+
 /// How an operation over several slots ended.
 enum Outcome {
     Done,
@@ -741,6 +756,7 @@ impl App {
         });
         let parallel = new.cfg.reload_parallelism.max(1) as usize;
         let mut failure: Option<(u32, SlotError)> = None;
+        let steering = self.steer_to_new(new.version, slots);
         for chunk in slots.chunks(parallel) {
             let t0 = Instant::now();
             let pending: Vec<_> = chunk
@@ -779,6 +795,7 @@ impl App {
                 break;
             }
         }
+        drop(steering);
         let (slot, why) = match failure {
             None => return Ok(()),
             Some((_, SlotError::Cancelled)) => return Err((self.cancelled(kind), "cancelled")),
@@ -822,6 +839,46 @@ impl App {
         }
         let result = if back_failures.is_empty() { "rolled_back" } else { "failed" };
         Err((self.fail(message), result))
+    }
+
+    /// Until the returned guard drops, new connections go only to the slots
+    /// of `targets` whose worker of `version` is ready (see [`crate::steer`]):
+    /// clients that an old worker disconnects reconnect to a new one, not to
+    /// an old worker that will disconnect them again.
+    fn steer_to_new(self: &Arc<Self>, version: u64, targets: &[SlotHandle]) -> Steering {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut tasks: Vec<tokio::task::AbortHandle> = targets
+            .iter()
+            .map(|s| {
+                let (mut view, tx) = (s.view.clone(), tx.clone());
+                tokio::spawn(async move {
+                    while view.changed().await.is_ok() && tx.send(()).is_ok() {}
+                })
+                .abort_handle()
+            })
+            .collect();
+        let (app, targets) = (self.clone(), targets.to_vec());
+        tasks.push(
+            tokio::spawn(async move {
+                let mut current = Vec::new();
+                while rx.recv().await.is_some() {
+                    let ready: Vec<u32> = targets
+                        .iter()
+                        .filter(|s| {
+                            let v = s.view.borrow();
+                            v.version == version && v.state == sup_proto::WorkerState::Ready
+                        })
+                        .map(|s| s.slot)
+                        .collect();
+                    if !ready.is_empty() && ready != current {
+                        app.inner().sockets.groups.steer(Some(&ready));
+                        current = ready;
+                    }
+                }
+            })
+            .abort_handle(),
+        );
+        Steering { groups: self.inner().sockets.groups.clone(), tasks }
     }
 
     fn cancelled(&self, kind: &str) -> AppResult {

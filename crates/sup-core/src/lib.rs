@@ -37,6 +37,7 @@ pub mod reaper;
 pub mod slot;
 pub mod spawner;
 pub mod spec;
+pub mod steer;
 pub mod supervisor;
 pub mod worker;
 
@@ -59,6 +60,7 @@ mod layers {
         ("probe", 1),
         ("listeners", 1),
         ("fdstore", 1),
+        ("steer", 1),
         ("history", 1),
         ("logs", 1),
         ("logread", 1),
@@ -82,6 +84,7 @@ mod layers {
         ("probe", include_str!("probe.rs")),
         ("listeners", include_str!("listeners.rs")),
         ("fdstore", include_str!("fdstore.rs")),
+        ("steer", include_str!("steer.rs")),
         ("history", include_str!("history.rs")),
         ("logs", include_str!("logs.rs")),
         ("logread", include_str!("logread.rs")),

@@ -75,7 +75,13 @@ impl Groups {
     /// Sends new connections to the sockets of `slots` only; `None` gives
     /// them back to the kernel's hash over every slot.
     pub fn steer(&self, slots: Option<&[u32]>) {
-        for g in self.lock().iter() {
+        for g in self.lock().iter_mut() {
+            // Sockets dropped without `left` (slots removed by a scale-down) left the group too.
+            for i in (0..g.members.len()).rev() {
+                if g.members[i].1.strong_count() == 0 {
+                    g.members.swap_remove(i);
+                }
+            }
             let Some(fd) = g.members.iter().find_map(|(_, w)| w.upgrade()) else { continue };
             let indices: Option<Vec<u32>> = slots.filter(|s| self.known && !s.is_empty()).and_then(|slots| {
                 slots.iter().map(|s| g.members.iter().position(|(m, _)| m == s).map(|i| i as u32)).collect()

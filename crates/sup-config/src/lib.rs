@@ -39,12 +39,12 @@ pub use instances::available_cpus;
 pub use listen::ListenAddr;
 pub use logs::{LogConfig, LogFormat, LogTarget};
 pub use paths::default_control_socket;
-pub use watch::{Ignore, WatchConfig, DEFAULT_IGNORE};
 pub use ready::ReadyCheck;
 pub use restart::RestartPolicy;
 pub use signal::parse_signal;
 pub use size::parse_size;
 pub use supervisor::{SupervisorConfig, FDS_BASE, FDS_PER_WORKER};
+pub use watch::{Ignore, WatchConfig, DEFAULT_IGNORE};
 
 use error::Source;
 use raw::RawConfig;

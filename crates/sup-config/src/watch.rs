@@ -129,7 +129,8 @@ impl RawWatch {
     /// The validated settings for an app running in `cwd`; `None` when `watch = false`.
     pub(crate) fn into_config(self, cwd: &Path) -> Option<WatchConfig> {
         let (paths, ignore, debounce) = self.0?;
-        let paths = if paths.is_empty() { vec![cwd.to_path_buf()] } else { paths.iter().map(|p| cwd.join(p)).collect() };
+        let paths =
+            if paths.is_empty() { vec![cwd.to_path_buf()] } else { paths.iter().map(|p| cwd.join(p)).collect() };
         Some(WatchConfig { paths, ignore, debounce })
     }
 }
@@ -156,7 +157,9 @@ impl<'de> Deserialize<'de> for RawWatch {
         impl<'de> Visitor<'de> for V {
             type Value = RawWatch;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("true, false, or a table such as { paths = [\"src\"], ignore = [\"*.tmp\"], debounce = \"500ms\" }")
+                f.write_str(
+                    "true, false, or a table such as { paths = [\"src\"], ignore = [\"*.tmp\"], debounce = \"500ms\" }",
+                )
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawWatch, E> {
                 Ok(RawWatch(v.then(|| (Vec::new(), Vec::new(), DEFAULT_DEBOUNCE))))
@@ -169,7 +172,9 @@ impl<'de> Deserialize<'de> for RawWatch {
                             "`paths` is empty: leave it out to watch the whole `cwd`, or set watch = false",
                         ))
                     }
-                    Some(p) => p.iter().map(|p| check_path(p)).collect::<Result<Vec<_>, _>>().map_err(de::Error::custom)?,
+                    Some(p) => {
+                        p.iter().map(|p| check_path(p)).collect::<Result<Vec<_>, _>>().map_err(de::Error::custom)?
+                    }
                     None => Vec::new(),
                 };
                 let ignore = t.ignore.unwrap_or_default();
@@ -195,7 +200,10 @@ mod tests {
         assert_eq!(parse_app("").watch, None);
         assert_eq!(parse_app("watch = false").watch, None);
         let w = parse_app("watch = true").watch;
-        assert_eq!(w, Some(WatchConfig { paths: vec![PathBuf::from("/x")], ignore: vec![], debounce: DEFAULT_DEBOUNCE }));
+        assert_eq!(
+            w,
+            Some(WatchConfig { paths: vec![PathBuf::from("/x")], ignore: vec![], debounce: DEFAULT_DEBOUNCE })
+        );
         let w = parse_app(
             "cwd = \"srv\"\nwatch = { paths = [\"src\", \"./lib/\", \".\"], ignore = [\"*.tmp\"], debounce = \"1s\" }",
         )
@@ -240,7 +248,10 @@ mod tests {
             ("watch = { path = [\"src\"] }", "key `apps.web.watch.path`: unknown key (did you mean `paths`?)"),
             ("watch = { paths = [] }", "`paths` is empty: leave it out to watch the whole `cwd`"),
             ("watch = { paths = [\"\"] }", "a `paths` entry is empty"),
-            ("watch = { paths = [\"/etc\"] }", "`paths` entry `/etc` is absolute: paths are relative to the app's `cwd`"),
+            (
+                "watch = { paths = [\"/etc\"] }",
+                "`paths` entry `/etc` is absolute: paths are relative to the app's `cwd`",
+            ),
             ("watch = { paths = [\"../lib\"] }", "`paths` entry `../lib` leaves the app's `cwd`"),
             ("watch = { paths = [\"src/../../x\"] }", "leaves the app's `cwd`"),
             ("watch = { ignore = [\"a[\"] }", "invalid `ignore` pattern `a[`"),

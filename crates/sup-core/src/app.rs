@@ -851,10 +851,7 @@ impl App {
             .iter()
             .map(|s| {
                 let (mut view, tx) = (s.view.clone(), tx.clone());
-                tokio::spawn(async move {
-                    while view.changed().await.is_ok() && tx.send(()).is_ok() {}
-                })
-                .abort_handle()
+                tokio::spawn(async move { while view.changed().await.is_ok() && tx.send(()).is_ok() {} }).abort_handle()
             })
             .collect();
         let (app, targets) = (self.clone(), targets.to_vec());

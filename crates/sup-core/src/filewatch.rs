@@ -195,7 +195,10 @@ fn add_tree(
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         if already + added >= MAX_FOLDERS {
-            tracing::warn!(app, "watch: more than {MAX_FOLDERS} folders; the rest are not watched (narrow `paths` or add `ignore`)");
+            tracing::warn!(
+                app,
+                "watch: more than {MAX_FOLDERS} folders; the rest are not watched (narrow `paths` or add `ignore`)"
+            );
             break;
         }
         if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
@@ -311,7 +314,8 @@ mod tests {
             ignore: watch.matcher(),
             skip: vec![PathBuf::from("/srv/app/run"), PathBuf::from("/srv/app/supervisor.toml")],
         };
-        for p in ["/srv/app/run/history/web.jsonl", "/srv/app/supervisor.toml", "/srv/app/tmp/x", "/srv/app/.git/HEAD"] {
+        for p in ["/srv/app/run/history/web.jsonl", "/srv/app/supervisor.toml", "/srv/app/tmp/x", "/srv/app/.git/HEAD"]
+        {
             assert!(f.ignored(Path::new(p)), "{p}");
         }
         for p in ["/srv/app/server.js", "/srv/app/runner.js", "/srv/app/src/run/x.js"] {

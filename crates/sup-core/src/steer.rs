@@ -185,7 +185,8 @@ mod tests {
             })
             .collect();
         let count = |n: usize| -> Vec<usize> {
-            let _conns: Vec<TcpStream> = (0..n).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
+            let _conns: Vec<TcpStream> =
+                (0..n).map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect")).collect();
             listeners.iter().map(|l| std::iter::from_fn(|| l.accept().ok()).count()).collect()
         };
         groups.steer(Some(&[1]));

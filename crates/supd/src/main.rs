@@ -132,7 +132,8 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
     sup_core::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
     sup_core::cron::start(Arc::downgrade(&sup));
     // supd's own files never make a watched app roll, even when they sit in its `cwd`.
-    let own_files = [Some(sc.run_dir.clone()), Some(sc.log_dir.clone()), sc.log_file.clone(), Some(sc.control_socket.clone())];
+    let own_files =
+        [Some(sc.run_dir.clone()), Some(sc.log_dir.clone()), sc.log_file.clone(), Some(sc.control_socket.clone())];
     sup_core::filewatch::start(Arc::downgrade(&sup), own_files.into_iter().flatten().collect());
     sup_core::fdstore::release_leftovers();
     sup_core::fdstore::started();

@@ -11,6 +11,11 @@ const DONE: &str = "watch: reload done";
 /// (config, run and log folders included), which holds `src/a.js`,
 /// `node_modules/pkg/index.js` and `.git/HEAD`; `watch` is TOML.
 fn start(port: u16, watch: &str) -> Daemon {
+    start_args(port, watch, "")
+}
+
+/// [`start`] with more arguments for sup-demo (TOML strings, each with a leading comma).
+fn start_args(port: u16, watch: &str, args: &str) -> Daemon {
     let dir = tempfile::Builder::new().prefix("sup").tempdir().expect("temp dir");
     let app = dir.path();
     for (rel, body) in [("src/a.js", "a"), ("node_modules/pkg/index.js", "x"), (".git/HEAD", "ref")] {
@@ -23,7 +28,7 @@ fn start(port: u16, watch: &str) -> Daemon {
         &config,
         format!(
             "[supervisor]\ncontrol_socket = \"run/control.sock\"\nrun_dir = \"run\"\nlog_dir = \"logs\"\n\n\
-             [apps.web]\ncommand = [\"{}\"]\ninstances = 2\nready = \"notify\"\nready_timeout = \"10s\"\n\
+             [apps.web]\ncommand = [\"{}\"{args}]\ninstances = 2\nready = \"notify\"\nready_timeout = \"10s\"\n\
              stop_timeout = \"15s\"\nlisten = [\"127.0.0.1:{port}\"]\nwatch = {watch}\n",
             bin("sup-demo").display()
         ),
@@ -175,4 +180,31 @@ fn config_apply_turns_watching_on_and_off() {
     let out = d.supctl(&["config", "apply"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     d.wait_log("watch: off", DEADLINE);
+}
+
+#[test]
+fn an_edit_during_an_operators_reload_rolls_once_after_it() {
+    let port = free_port();
+    // Each new worker takes a second to be ready: the operator's reload lasts a few.
+    let d = start_args(port, "{ debounce = \"100ms\" }", ", \"--start-delay\", \"1s\"");
+    let before = d.wait_ready("web", 2);
+    let socket = d.socket.clone();
+    let operator = std::thread::spawn(move || {
+        std::process::Command::new(bin("supctl")).arg("--socket").arg(socket).args(["reload", "web"]).output()
+    });
+    wait_until("the operator's reload to start", DEADLINE, || d.status().apps[0].rollout.clone());
+    edit(&d, "src/a.js", "during");
+    let out = operator.join().expect("thread").expect("supctl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // Not refused as busy: it waited for the operator's reload, then rolled onto its version.
+    wait_done(&d, 1);
+    let after = d.wait_ready("web", 2);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a.version, b.version + 2, "the operator's version, then the watch's: {after:?}");
+        assert_eq!(a.last_restart_reason, Some(sup_proto::RestartReason::Watch));
+    }
+    let reloads = lines(&d, RELOADING);
+    assert_eq!(reloads.len(), 1, "{}", reloads.join("\n"));
+    assert_eq!(file_of(&reloads[0]), "src/a.js");
+    assert!(lines(&d, DONE)[0].contains("rolled 2/2"), "{}", d.log());
 }

@@ -88,7 +88,15 @@ impl Groups {
             });
             let r = match indices {
                 Some(ix) => attach(fd.fd().as_raw_fd(), &ix),
-                None => detach(fd.fd().as_raw_fd()),
+                // Kernels before 5.8 cannot detach: spread over every member instead.
+                None => detach(fd.fd().as_raw_fd()).or_else(|e| {
+                    let all: Vec<u32> = (0..g.members.len() as u32).collect();
+                    if all.is_empty() {
+                        Err(e)
+                    } else {
+                        attach(fd.fd().as_raw_fd(), &all)
+                    }
+                }),
             };
             if let Err(e) = r {
                 tracing::debug!("cannot steer new connections: {e}");

@@ -91,6 +91,8 @@ pub struct AppConfig {
     pub instance_var: Option<String>,
     /// Where output goes, its format and rotation.
     pub logs: crate::logs::LogConfig,
+    /// Roll the app when its files change (development).
+    pub watch: Option<crate::watch::WatchConfig>,
 }
 
 /// Shows env keys only: values may be secrets from `env_file`.
@@ -137,6 +139,7 @@ impl fmt::Debug for AppConfig {
             .field("node_cluster", &self.node_cluster)
             .field("cron_restart", &self.cron_restart)
             .field("instance_var", &self.instance_var)
+            .field("watch", &self.watch)
             .finish()
     }
 }
@@ -241,9 +244,12 @@ impl RawApp {
             ),
         };
 
+        let cwd = self.cwd.map_or_else(|| base.to_path_buf(), |c| resolve(base, &c));
+        let watch = self.watch.and_then(|w| w.into_config(&cwd));
+
         Ok(AppConfig {
             command: self.command.0,
-            cwd: self.cwd.map_or_else(|| base.to_path_buf(), |c| resolve(base, &c)),
+            cwd,
             env,
             env_file,
             required_env,
@@ -274,6 +280,7 @@ impl RawApp {
             cron_restart,
             instance_var: self.instance_var.map(|v| v.0),
             logs: self.logs.map(|l| l.into_inner().into_config()).unwrap_or_default(),
+            watch,
             name,
         })
     }
@@ -321,6 +328,7 @@ mod tests {
             cron_restart: None,
             instance_var: None,
             logs: crate::logs::LogConfig::default(),
+            watch: None,
         };
         assert_eq!(app, want);
     }

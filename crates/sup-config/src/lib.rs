@@ -28,6 +28,7 @@ mod signal;
 mod size;
 mod socket;
 mod supervisor;
+mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +49,7 @@ pub use signal::parse_signal;
 pub use size::parse_size;
 pub use socket::{control_socket, SocketLookup};
 pub use supervisor::{SupervisorConfig, FDS_BASE, FDS_PER_WORKER};
+pub use watch::{Ignore, WatchConfig, DEFAULT_IGNORE};
 
 use error::Source;
 use raw::RawConfig;

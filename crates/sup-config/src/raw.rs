@@ -90,4 +90,5 @@ pub(crate) struct RawApp {
     pub cron_restart: Option<Spanned<String>>,
     pub instance_var: Option<EnvName>,
     pub logs: Option<Spanned<crate::logs::RawLogs>>,
+    pub watch: Option<crate::watch::RawWatch>,
 }

@@ -103,10 +103,25 @@ pub struct App {
 /// Why a version was made, for the history.
 #[derive(Debug, Clone, Copy)]
 pub struct Trigger {
-    /// `start`, `reload`, `apply`, `cron`, `rollback`.
+    /// `start`, `reload`, `apply`, `cron`, `rollback`, `watch`.
     pub kind: &'static str,
     /// Who asked, from the control socket's peer credentials.
     pub uid: Option<u32>,
+}
+
+/// Steering of a rollout; dropping it gives new connections back to the kernel's hash.
+struct Steering {
+    groups: crate::steer::Groups,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Steering {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.groups.steer(None);
+    }
 }
 
 /// How an operation over several slots ended.
@@ -245,6 +260,23 @@ impl App {
             // The code it already runs: a scheduled restart deploys nothing.
             let trigger = Trigger { kind: "cron", uid: None };
             app.roll(spec.cfg.clone(), spec.release.clone(), RestartReason::Cron, trigger, fence, &tx).await
+        })
+        .await
+    }
+
+    /// `watch`: a rolling reload onto the app's current table, its release
+    /// pinned anew as `supctl reload` does. The table is read once the app is
+    /// free, so waiting behind an operator's reload never undoes it; skipped
+    /// when no worker runs (an operator stopped the app).
+    pub async fn watch_reload(self: &Arc<Self>) -> AppResult {
+        self.run_op("watch reload", true, |app, fence| async move {
+            if !app.is_running() {
+                return app.result_ok("skipped: no worker runs");
+            }
+            let cfg = app.spec().cfg.clone();
+            let (tx, _rx) = mpsc::unbounded_channel();
+            let trigger = Trigger { kind: "watch", uid: None };
+            app.roll(cfg, None, RestartReason::Watch, trigger, fence, &tx).await
         })
         .await
     }
@@ -740,6 +772,7 @@ impl App {
         });
         let parallel = new.cfg.reload_parallelism.max(1) as usize;
         let mut failure: Option<(u32, SlotError)> = None;
+        let steering = self.steer_to_new(new.version, slots);
         for chunk in slots.chunks(parallel) {
             let t0 = Instant::now();
             let pending: Vec<_> = chunk
@@ -778,6 +811,7 @@ impl App {
                 break;
             }
         }
+        drop(steering);
         let (slot, why) = match failure {
             None => return Ok(()),
             Some((_, SlotError::Cancelled)) => return Err((self.cancelled(kind), "cancelled")),
@@ -821,6 +855,43 @@ impl App {
         }
         let result = if back_failures.is_empty() { "rolled_back" } else { "failed" };
         Err((self.fail(message), result))
+    }
+
+    /// Until the returned guard drops, new connections go only to the slots
+    /// of `targets` whose worker of `version` is ready (see [`crate::steer`]):
+    /// clients that an old worker disconnects reconnect to a new one, not to
+    /// an old worker that will disconnect them again.
+    fn steer_to_new(self: &Arc<Self>, version: u64, targets: &[SlotHandle]) -> Steering {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut tasks: Vec<tokio::task::AbortHandle> = targets
+            .iter()
+            .map(|s| {
+                let (mut view, tx) = (s.view.clone(), tx.clone());
+                tokio::spawn(async move { while view.changed().await.is_ok() && tx.send(()).is_ok() {} }).abort_handle()
+            })
+            .collect();
+        let (app, targets) = (self.clone(), targets.to_vec());
+        tasks.push(
+            tokio::spawn(async move {
+                let mut current = Vec::new();
+                while rx.recv().await.is_some() {
+                    let ready: Vec<u32> = targets
+                        .iter()
+                        .filter(|s| {
+                            let v = s.view.borrow();
+                            v.version == version && v.state == sup_proto::WorkerState::Ready
+                        })
+                        .map(|s| s.slot)
+                        .collect();
+                    if !ready.is_empty() && ready != current {
+                        app.inner().sockets.groups.steer(Some(&ready));
+                        current = ready;
+                    }
+                }
+            })
+            .abort_handle(),
+        );
+        Steering { groups: self.inner().sockets.groups.clone(), tasks }
     }
 
     fn cancelled(&self, kind: &str) -> AppResult {
@@ -1057,6 +1128,11 @@ impl App {
             "shutdown_with_message": c.shutdown_with_message,
             "node_cluster": c.node_cluster,
             "cron_restart": c.cron_restart.as_ref().map(|c| c.pattern().to_string()),
+            "watch": c.watch.as_ref().map(|w| serde_json::json!({
+                "paths": w.paths,
+                "ignore": w.ignore,
+                "debounce_ms": w.debounce.as_millis() as u64,
+            })),
             "env_keys": c.env.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(),
             "env_file": c.env_file,
             "log_files": files,

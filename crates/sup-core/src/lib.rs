@@ -25,6 +25,7 @@ pub mod app;
 pub mod control;
 pub mod cron;
 pub mod fdstore;
+pub mod filewatch;
 pub mod history;
 pub mod listeners;
 pub mod logread;
@@ -38,6 +39,7 @@ pub mod reaper;
 pub mod slot;
 pub mod spawner;
 pub mod spec;
+pub mod steer;
 pub mod supervisor;
 pub mod worker;
 
@@ -61,6 +63,7 @@ mod layers {
         ("accepting", 1),
         ("listeners", 1),
         ("fdstore", 1),
+        ("steer", 1),
         ("history", 1),
         ("logs", 1),
         ("logread", 1),
@@ -70,6 +73,7 @@ mod layers {
         ("supervisor", 5),
         ("monitor", 6),
         ("cron", 6),
+        ("filewatch", 6),
         ("metrics", 6),
         ("control", 6),
     ];
@@ -84,6 +88,7 @@ mod layers {
         ("accepting", include_str!("accepting.rs")),
         ("listeners", include_str!("listeners.rs")),
         ("fdstore", include_str!("fdstore.rs")),
+        ("steer", include_str!("steer.rs")),
         ("history", include_str!("history.rs")),
         ("logs", include_str!("logs.rs")),
         ("logread", include_str!("logread.rs")),
@@ -93,6 +98,7 @@ mod layers {
         ("supervisor", include_str!("supervisor.rs")),
         ("monitor", include_str!("monitor.rs")),
         ("cron", include_str!("cron.rs")),
+        ("filewatch", include_str!("filewatch.rs")),
         ("metrics", include_str!("metrics.rs")),
         ("control", include_str!("control.rs")),
     ];

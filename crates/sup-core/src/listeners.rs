@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::fdstore::{adopt_or_bind, StoredFd};
+use crate::steer::Groups;
 use sup_config::{AppConfig, ListenAddr};
 
 /// A socket and its `LISTEN_FDNAMES` name.
@@ -33,6 +34,7 @@ pub struct SlotSockets {
     // Per address: the shared Unix socket, or None for a per-slot TCP one.
     addrs: Vec<(ListenAddr, Option<Arc<StoredFd>>)>,
     open: Mutex<Option<Vec<Named>>>,
+    groups: Groups,
 }
 
 impl SlotSockets {
@@ -51,7 +53,9 @@ impl SlotSockets {
                         let stored = stored.map_err(|e| err(&self.app, addr, e))?;
                         // An adopted socket keeps the backlog it was made with; apply today's.
                         let _ = socket2::SockRef::from(stored.fd()).listen(backlog.min(i32::MAX as u32) as i32);
-                        Arc::new(stored)
+                        let stored = Arc::new(stored);
+                        self.groups.joined(i, self.slot, &stored);
+                        stored
                     }
                     (ListenAddr::Unix(_), None) => continue,
                 };
@@ -65,6 +69,7 @@ impl SlotSockets {
     /// Closes the slot's own sockets (shared Unix sockets stay with the app).
     pub fn close(&self) {
         if self.open.lock().unwrap_or_else(|e| e.into_inner()).take().is_some() {
+            self.groups.left(self.slot);
             tracing::debug!(app = %self.app, "closed a slot's listening sockets");
         }
     }
@@ -86,6 +91,8 @@ pub struct ListenError {
 #[derive(Debug, Default)]
 pub struct AppSockets {
     unix: Vec<Option<Arc<StoredFd>>>,
+    /// The SO_REUSEPORT groups of the TCP addresses, for steering during a rollout.
+    pub groups: Groups,
 }
 
 impl AppSockets {
@@ -105,7 +112,9 @@ impl AppSockets {
                 ListenAddr::Tcp(_) => None,
             });
         }
-        Ok(AppSockets { unix })
+        // Sockets passed by systemd joined their groups in an order supd does not know.
+        let groups = Groups::new(cfg.listen.len(), crate::fdstore::init() == 0);
+        Ok(AppSockets { unix, groups })
     }
 
     /// Binds a slot's own TCP sockets now (so start-up fails early) and pairs them with the shared ones.
@@ -116,6 +125,7 @@ impl AppSockets {
             backlog: cfg.listen_backlog,
             addrs: cfg.listen.iter().cloned().zip(self.unix.iter().cloned()).collect(),
             open: Mutex::new(None),
+            groups: self.groups.clone(),
         };
         sockets.open()?;
         Ok(sockets)

@@ -134,7 +134,7 @@ impl Metrics {
         registry.register("supd_rss_bytes", "Resident memory of supd itself", m.own_rss.clone());
         registry.register(
             "rollout_duration_seconds",
-            "Duration of rollouts, by kind (reload, apply, cron, rollback, promote) and result",
+            "Duration of rollouts, by kind (reload, apply, cron, watch, rollback, promote) and result",
             m.rollout_seconds.clone(),
         );
         registry.register(

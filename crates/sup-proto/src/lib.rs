@@ -88,6 +88,8 @@ pub enum RestartReason {
     Config,
     /// Its `cron_restart` schedule came due.
     Cron,
+    /// A file it `watch`es changed.
+    Watch,
 }
 
 impl RestartReason {
@@ -101,6 +103,7 @@ impl RestartReason {
             RestartReason::Watchdog => "watchdog",
             RestartReason::Config => "config",
             RestartReason::Cron => "cron",
+            RestartReason::Watch => "watch",
         }
     }
 }

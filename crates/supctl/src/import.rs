@@ -386,10 +386,6 @@ const HANDLED: &[&str] = &[
     "watch_delay",
 ];
 
-/// Whether this sup's supervisor.toml has `watch`: until it does, `watch` is written as a
-/// comment to uncomment.
-const WATCH_KEY: bool = false;
-
 /// Why some well-known PM2 options have no equivalent, for the output's comments.
 fn hint(key: &str, app: &str) -> Option<String> {
     Some(match key {
@@ -783,7 +779,7 @@ fn convert_app(
         }
         Some(v) => t.invalid("instance_var", v, "an environment variable name"),
     }
-    watch(obj, &name, &mut t);
+    watch(obj, &mut t);
 
     // Options not carried over.
     let handled: BTreeSet<&str> = HANDLED.iter().copied().collect();
@@ -1162,7 +1158,7 @@ fn backoff(obj: &Map<String, Value>, t: &mut Table) {
 }
 
 /// watch / ignore_watch / watch_delay → `watch = true` or `watch = { paths, ignore, debounce }`.
-fn watch(obj: &Map<String, Value>, app: &str, t: &mut Table) {
+fn watch(obj: &Map<String, Value>, t: &mut Table) {
     let strings = |v: &Value| -> Option<Vec<String>> {
         match v {
             Value::String(s) => Some(vec![s.clone()]),
@@ -1215,14 +1211,7 @@ fn watch(obj: &Map<String, Value>, app: &str, t: &mut Table) {
         "PM2 watch: sup rolls the app (zero downtime) when files under its cwd change; for development. \
          sup ignores .git, node_modules, __pycache__ and log files by default",
     );
-    if WATCH_KEY {
-        t.set("watch", value);
-    } else {
-        t.lines.push(format!("# watch = {value}"));
-        t.warnings.push(format!(
-            "`watch` was written as a comment: this sup has no `watch` yet; run `supctl reload {app}` from a file watcher meanwhile"
-        ));
-    }
+    t.set("watch", value);
 }
 
 /// Log options: sup keeps per-app files in log_dir.

@@ -142,9 +142,13 @@ async fn run(config: sup_config::Config) -> Result<(), String> {
             return Err(e.to_string());
         }
     };
-    // The drivers on top of the core: sampling and scheduled restarts.
+    // The drivers on top of the core: sampling, scheduled restarts and file watching.
     sup_core::monitor::start(Arc::downgrade(&sup), sup.samples.clone(), interval);
     sup_core::cron::start(Arc::downgrade(&sup));
+    // supd's own files never make a watched app roll, even when they sit in its `cwd`.
+    let own_files =
+        [Some(sc.run_dir.clone()), Some(sc.log_dir.clone()), sc.log_file.clone(), Some(sc.control_socket.clone())];
+    sup_core::filewatch::start(Arc::downgrade(&sup), own_files.into_iter().flatten().collect());
     sup_core::fdstore::release_leftovers();
     sup_core::fdstore::started();
     if let Some(l) = metrics {

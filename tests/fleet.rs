@@ -223,6 +223,51 @@ fn a_good_release_reaches_every_host_one_at_a_time_without_a_failed_request() {
 }
 
 #[test]
+fn the_role_writes_a_supervisor_toml_that_supctl_accepts() {
+    let Some(playbook) = ansible() else { return };
+    let work = tempfile::Builder::new().prefix("sup-ansible").tempdir().expect("temp dir");
+    let vars = work.path().join("vars.json");
+    let out_file = work.path().join("supervisor.toml");
+    std::fs::write(
+        &vars,
+        serde_json::json!({
+            "sup_supervisor": { "control_socket": work.path().join("control.sock"), "log_dir": work.path().join("logs") },
+            "sup_metrics": "127.0.0.1:9105",
+            "sup_apps": { "web": {
+                "command": ["node", "server.js"], "cwd": "/srv/web/current", "instances": "max",
+                "listen": ["127.0.0.1:3000"], "ready": "notify", "min_healthy_time": "5s",
+                "env": { "NODE_ENV": "production", "GREETING": "say \"hi\"" }, "autostart": true,
+            } },
+        })
+        .to_string(),
+    )
+    .expect("vars");
+    // The role's template, rendered by ansible's own template module.
+    let out = Command::new(playbook.with_file_name("ansible"))
+        .args(["localhost", "-c", "local", "-m", "ansible.builtin.template", "-a"])
+        .arg(format!(
+            "src={} dest={}",
+            repo().join("deploy/ansible/roles/sup/templates/supervisor.toml.j2").display(),
+            out_file.display()
+        ))
+        .arg("-e")
+        .arg(format!("@{}", vars.display()))
+        .arg("-e")
+        .arg(format!("ansible_python_interpreter={}", playbook.with_file_name("python").display()))
+        .env("ANSIBLE_HOME", work.path().join("ansible-home"))
+        .env("ANSIBLE_LOCAL_TEMP", work.path().join("ansible-tmp"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ansible");
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = std::fs::read_to_string(&out_file).expect("rendered file");
+    let check = Command::new(bin("supctl")).args(["config", "check"]).arg(&out_file).output().expect("supctl");
+    assert!(check.status.success(), "{text}\n{}", String::from_utf8_lossy(&check.stderr));
+    assert!(text.contains("env = { \"NODE_ENV\" = \"production\", \"GREETING\" = \"say \\\"hi\\\"\" }"), "{text}");
+    assert!(text.contains("metrics = \"127.0.0.1:9105\""), "{text}");
+}
+
+#[test]
 fn a_release_failing_on_the_second_host_stops_the_play_and_rolls_the_first_back() {
     let Some(playbook) = ansible() else { return };
     let _serial = load_lock();

@@ -118,8 +118,7 @@ impl Host {
         let ready = wait_until(&format!("{}: every slot ready on {}", self.name, release.display()), DEADLINE, || {
             let i = self.d.instances("web");
             (i.len() == 2
-                && i.iter()
-                    .all(|i| i.state == WorkerState::Ready && i.release.as_deref() == release.to_str()))
+                && i.iter().all(|i| i.state == WorkerState::Ready && i.release.as_deref() == release.to_str()))
             .then_some(i)
         });
         for i in &ready {
@@ -344,9 +343,7 @@ fn reload_and_rollback_json_print_one_object() {
 
 /// promtool from Debian's `prometheus` package, installed when missing and possible.
 fn promtool() -> Option<PathBuf> {
-    let found = || {
-        ["/usr/bin/promtool", "/usr/local/bin/promtool"].iter().map(PathBuf::from).find(|p| p.exists())
-    };
+    let found = || ["/usr/bin/promtool", "/usr/local/bin/promtool"].iter().map(PathBuf::from).find(|p| p.exists());
     if let Some(p) = found() {
         return Some(p);
     }

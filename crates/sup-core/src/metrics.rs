@@ -153,7 +153,11 @@ impl Metrics {
             m.last_rollout.clone(),
         );
         registry.register("app_version", "The version the app runs", m.app_version.clone());
-        registry.register("app_release", "1 for the release directory the app's version is pinned to", m.app_release.clone());
+        registry.register(
+            "app_release",
+            "1 for the release directory the app's version is pinned to",
+            m.app_release.clone(),
+        );
         Metrics { registry, ..m }
     }
 

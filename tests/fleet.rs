@@ -280,6 +280,8 @@ fn a_release_failing_on_the_second_host_stops_the_play_and_rolls_the_first_back(
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "the play must fail: {text}");
     assert!(text.contains("cannot start: no database"), "the failure names the reason: {text}");
+    assert!(text.contains("rolled back: ['h1']; rollbacks that failed: []"), "{text}");
+    assert!(!text.contains("[h3]"), "no task ran on h3: {text}");
     // The first host took the release, then was rolled back by `supctl rollback`.
     let versions = |h: &Host| h.history().into_iter().map(|e| (e.0, e.1, e.2)).collect::<Vec<_>>();
     let s = |a: &str| a.to_string();

@@ -131,7 +131,7 @@ impl Host {
 }
 
 /// Writes an inventory of `hosts` (each with its own socket, link and new release) and runs the playbook.
-fn deploy(playbook: &Path, hosts: &[&Host], dir: &Path) -> Output {
+fn deploy(playbook: &Path, hosts: &[&Host], dir: &Path, extra: &[&str]) -> Output {
     let python = playbook.with_file_name("python");
     let mut inv = String::from("[fleet]\n");
     for h in hosts {
@@ -154,6 +154,7 @@ fn deploy(playbook: &Path, hosts: &[&Host], dir: &Path) -> Output {
         .arg("-i")
         .arg(&inventory)
         .arg(repo().join("deploy/ansible/rolling-deploy.yml"))
+        .args(extra)
         .env("ANSIBLE_HOME", dir.join("ansible-home"))
         .env("ANSIBLE_LOCAL_TEMP", dir.join("ansible-tmp"))
         .env("ANSIBLE_NOCOLOR", "1")
@@ -195,7 +196,7 @@ fn a_good_release_reaches_every_host_one_at_a_time_without_a_failed_request() {
     for l in &loads {
         l.wait_for(50);
     }
-    let out = deploy(&playbook, &hosts.iter().collect::<Vec<_>>(), work.path());
+    let out = deploy(&playbook, &hosts.iter().collect::<Vec<_>>(), work.path(), &[]);
     assert!(out.status.success(), "the playbook failed: {}", String::from_utf8_lossy(&out.stdout));
     for l in &loads {
         l.wait_for(50);
@@ -276,7 +277,7 @@ fn a_release_failing_on_the_second_host_stops_the_play_and_rolls_the_first_back(
     let h2 = Host::start("h2", BROKEN);
     let h3 = Host::start("h3", &good("v2"));
     let h3_pids: Vec<_> = h3.d.instances("web").iter().map(|i| i.pid).collect();
-    let out = deploy(&playbook, &[&h1, &h2, &h3], work.path());
+    let out = deploy(&playbook, &[&h1, &h2, &h3], work.path(), &[]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(!out.status.success(), "the play must fail: {text}");
     assert!(text.contains("cannot start: no database"), "the failure names the reason: {text}");
@@ -474,4 +475,27 @@ fn the_alert_rules_pass_promtool_and_the_dashboard_names_metrics_supd_exports() 
     // The scrape config is a whole prometheus.yml: promtool checks it and the rule file it loads.
     let text = check(&["check", "config"], repo().join("deploy/prometheus/scrape.yml"));
     assert!(text.contains("sup-alerts.yml"), "the config loads the alert rules: {text}");
+}
+
+#[test]
+fn with_two_hosts_per_batch_the_batch_mate_that_took_the_release_is_rolled_back() {
+    let Some(playbook) = ansible() else { return };
+    let _serial = load_lock();
+    let work = tempfile::Builder::new().prefix("sup-ansible").tempdir().expect("temp dir");
+    let h1 = Host::start("h1", &good("v2"));
+    let h2 = Host::start("h2", BROKEN);
+    let h3 = Host::start("h3", &good("v2"));
+    let out = deploy(&playbook, &[&h1, &h2, &h3], work.path(), &["-e", "sup_serial=2"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "the play must fail: {text}");
+    let results = |h: &Host| h.history().into_iter().map(|e| (e.1, e.2)).collect::<Vec<_>>();
+    let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+    // h1 and h2 rolled together: h1 took the release, h2 failed, h1 was rolled back.
+    assert_eq!(results(&h1), vec![s("start", "ok"), s("reload", "ok"), s("rollback", "ok")], "h1: {text}");
+    assert_eq!(results(&h2), vec![s("start", "ok"), s("reload", "rolled_back")], "h2");
+    assert_eq!(results(&h3), vec![s("start", "ok")], "h3, in the next batch, was never touched");
+    for h in [&h1, &h2, &h3] {
+        h.serves(&h.v1);
+        assert_eq!(h.link(), h.v1, "{}", h.name);
+    }
 }

@@ -126,6 +126,9 @@ pub enum Command {
         /// Replace only the first N slots (each through its health window), then pause as a canary: `promote` rolls the rest, `rollback` puts them back.
         #[arg(long, value_name = "N", conflicts_with = "all", value_parser = clap::value_parser!(u32).range(1..))]
         canary: Option<u32>,
+        /// Print only one JSON object at the end (app, result, versions before and after, the failed slot and why), for scripts and Ansible.
+        #[arg(long)]
+        json: bool,
     },
     /// Roll the rest of an app's paused canary onto its version.
     Promote {
@@ -145,6 +148,9 @@ pub enum Command {
         /// Wait for an operation in progress instead of failing with "busy".
         #[arg(long)]
         wait: bool,
+        /// Print only one JSON object at the end, as `reload --json` does.
+        #[arg(long)]
+        json: bool,
     },
     /// Lifecycle events of every app (crashes, memory and watchdog replacements, rollouts, canaries): the last ones, and with -f new ones as they come.
     Events {

@@ -79,6 +79,15 @@ pub struct Metrics {
     rollout_seconds: Family<Rollout, Histogram, fn() -> Histogram>,
     last_rollout: Family<LastRollout, FloatGauge>,
     app_version: Family<App, Gauge>,
+    app_release: Family<AppRelease, Gauge>,
+}
+
+/// Labels of the release an app runs: across a fleet, the directory names
+/// agree where version numbers (counted per host) may not.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AppRelease {
+    app: String,
+    release: String,
 }
 
 /// Labels of the time of an app's last rollout with a result.
@@ -120,6 +129,7 @@ impl Metrics {
             rollout_seconds: Family::new_with_constructor(rollout_histogram),
             last_rollout: Family::default(),
             app_version: Family::default(),
+            app_release: Family::default(),
             registry: Registry::default(),
         };
         registry.register("restarts", "Worker restarts and replacements, by reason", m.restarts.clone());
@@ -143,6 +153,11 @@ impl Metrics {
             m.last_rollout.clone(),
         );
         registry.register("app_version", "The version the app runs", m.app_version.clone());
+        registry.register(
+            "app_release",
+            "1 for the release directory the app's version is pinned to",
+            m.app_release.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -185,8 +200,14 @@ impl Metrics {
         self.cpu_seconds.clear();
         self.state.clear();
         self.app_version.clear();
+        self.app_release.clear();
         for app in sup.apps() {
-            self.app_version.get_or_create(&App { app: app.name.clone() }).set(app.spec().version as i64);
+            let spec = app.spec();
+            self.app_version.get_or_create(&App { app: app.name.clone() }).set(spec.version as i64);
+            if let Some(r) = &spec.release {
+                let labels = AppRelease { app: app.name.clone(), release: r.cwd.display().to_string() };
+                self.app_release.get_or_create(&labels).set(1);
+            }
         }
         if let Ok(status) = sup.status(None) {
             for app in status.apps {

@@ -3,6 +3,7 @@
 mod client;
 mod import;
 mod output;
+mod summary;
 mod top;
 
 use std::path::PathBuf;
@@ -118,14 +119,22 @@ fn run(cli: Cli) -> Result<i32, ClientError> {
         Command::Start(t) => action(&client, "start", t),
         Command::Stop(t) => action(&client, "stop", t),
         Command::Restart(t) => action(&client, "restart", t),
-        Command::Reload { target: t, canary } => {
-            rollout(&client, "/v1/reload", &ActionRequest { app: t.app, all: t.all, wait: t.wait, canary })
+        Command::Reload { target: t, canary, json } => {
+            let req = ActionRequest { app: t.app.clone(), all: t.all, wait: t.wait, canary };
+            if json {
+                return Ok(summary::run(&client, "/v1/reload", &req, t.app.as_deref()));
+            }
+            rollout(&client, "/v1/reload", &req)
         }
         Command::Promote { app, wait } => {
             rollout(&client, "/v1/promote", &ActionRequest { app: Some(app), all: false, wait, canary: None })
         }
-        Command::Rollback { app, to, wait } => {
-            rollout(&client, "/v1/rollback", &sup_proto::RollbackRequest { app, to, wait })
+        Command::Rollback { app, to, wait, json } => {
+            let req = sup_proto::RollbackRequest { app: app.clone(), to, wait };
+            if json {
+                return Ok(summary::run(&client, "/v1/rollback", &req, Some(&app)));
+            }
+            rollout(&client, "/v1/rollback", &req)
         }
         Command::Events { follow, json } => {
             let q = format!("/v1/events?follow={}", u8::from(follow));

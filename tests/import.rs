@@ -88,7 +88,7 @@ fn assert_warns(stderr: &str, app: &str, options: &[&str]) {
 /// `table` sets `watch` to `line`'s value, as a key or (until sup has `watch`) as a comment.
 fn assert_watch(toml: &str, header: &str, line: &str) {
     let t = table(toml, header);
-    let found = t.iter().any(|l| *l == line);
+    let found = t.contains(&line);
     assert!(found, "{header} lacks `{line}`; it has:\n{}", t.join("\n"));
 }
 

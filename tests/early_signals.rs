@@ -30,7 +30,17 @@ fn sighup_and_sigusr1_during_start_up_never_kill_supd() {
         .spawn()
         .expect("spawn supd");
     let pid = supd.id() as i32;
-    // From the moment the process exists until its app is ready, without a pause.
+    // No program can take a signal before its own first instructions run:
+    // start once supd has set its disposition for SIGHUP (ignored, or caught
+    // by its handler), then signal without a pause until its app is ready.
+    let hup_bit = 1u64 << (libc::SIGHUP - 1);
+    wait_until("supd to set its SIGHUP disposition", DEADLINE, || {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let mask = |key: &str| {
+            status.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        };
+        ((mask("SigIgn:")? | mask("SigCgt:")?) & hup_bit != 0).then_some(())
+    });
     let started = Instant::now();
     let mut sent = 0u64;
     let ready = loop {

@@ -2,7 +2,7 @@
 //! logrotate (SIGUSR1) sent before supd is ready must never end it.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sup::*;
 
@@ -65,9 +65,5 @@ fn sighup_and_sigusr1_during_start_up_never_kill_supd() {
     assert!(supd.try_wait().expect("try_wait").is_none(), "supd survived {sent} early signals");
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + DEADLINE;
-    while supd.try_wait().expect("try_wait").is_none() {
-        assert!(Instant::now() < deadline, "supd stops on SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("supd to stop on SIGTERM", DEADLINE, || supd.try_wait().ok().flatten());
 }

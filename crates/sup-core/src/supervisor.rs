@@ -344,20 +344,26 @@ impl Supervisor {
     /// removed ones stop, changed ones roll. An invalid file changes nothing.
     pub async fn apply(&self, uid: Option<u32>, progress: Progress) -> Result<ActionResponse, ApiError> {
         let outcome = self.apply_file(uid, progress).await;
-        let failure = match &outcome {
+        // Shutting down: the file was never looked at.
+        if !matches!(outcome, Err(ApiError::ShuttingDown)) {
+            self.record_apply(&outcome);
+        }
+        outcome
+    }
+
+    /// Remembers how an apply of the file ended, for systemd's STATUS=.
+    fn record_apply(&self, outcome: &Result<ActionResponse, ApiError>) {
+        let failure = match outcome {
             Ok(r) => {
                 let failed: Vec<&str> = r.results.iter().filter(|r| !r.ok).map(|r| r.app.as_str()).collect();
                 (!failed.is_empty()).then(|| format!("config apply failed for {}", failed.join(", ")))
             }
-            // Shutting down: the file was never looked at.
-            Err(ApiError::ShuttingDown) => return outcome,
             Err(e) => {
                 let first: String = e.to_string().lines().next().unwrap_or("").chars().take(200).collect();
                 Some(format!("config NOT applied: {first}"))
             }
         };
         self.apply_failure.send_replace(failure);
-        outcome
     }
 
     /// Why the last config apply failed, or None if it succeeded; changes as applies end.
@@ -419,7 +425,10 @@ impl Supervisor {
             .await
             .map_err(|e| ApiError::FileNotChanged(format!("internal error while editing the file: {e}")))?
             .map_err(|e| ApiError::FileNotChanged(e.to_string()))?;
-        self.apply_config(new, uid, progress).await
+        // The file changed and is applied: its outcome is the file's, as for `config apply`.
+        let outcome = self.apply_config(new, uid, progress).await;
+        self.record_apply(&outcome);
+        outcome
     }
 
     /// Makes the running apps match `new`; the caller holds the `apply` lock.
